@@ -1,12 +1,14 @@
 """maskedge's entry points: ``invoke --list`` shows them, ``invoke <task> --help`` explains one.
 
 This file only parses arguments, sets up logging and maps errors to exit codes; the work lives in
-``pipeline``.
+``pipeline``. A maskedge error reaches the user as one line and exit code 1 (``--debug`` shows
+the traceback); a failed gate exits 2 after the report is written.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,30 +19,90 @@ ARTIFACTS = REPO / "artifacts"
 
 
 def _setup_logging(debug: bool = False) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    console = Console(stderr=True)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=debug)],
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=debug)],
         force=True,
     )
+    for noisy in ("PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _run(fn, debug: bool):
-    from pipeline.errors import MaskedgeError
+    from pipeline.errors import GateError, MaskedgeError
 
     _setup_logging(debug)
     try:
         return fn()
+    except GateError as err:
+        if debug:
+            raise
+        raise Exit(f"maskedge: build failed its gate: {err}", code=2) from None
     except MaskedgeError as err:
         if debug:
             raise
         raise Exit(f"maskedge: {err}", code=1) from None
     except KeyboardInterrupt:
-        raise Exit("maskedge: interrupted; finished stages stay cached, nothing half-written "
-                   "was kept", code=130) from None
+        raise Exit("maskedge: interrupted; finished stages stay cached and no half-written "
+                   "bundle was published", code=130) from None
+
+
+def _path(value):
+    return Path(value).expanduser() if value else None
+
+
+@task(help={
+    "target": "deployment target: arm64 (see `invoke targets`)",
+    "profile": "hardware profile of the target (default: the target's own, e.g. rpi5)",
+    "checkpoint": "teacher checkpoint (default: the embedded demo teacher)",
+    "train_coco": "COCO annotations for distillation (default: the demo train split)",
+    "train_images": "image folder of --train-coco, or unlabelled images to distill from",
+    "calib_images": "folder of calibration images (default: the demo calib split)",
+    "calib_count": "number of calibration images to use (default 64)",
+    "val_coco": "COCO annotations for validation (default: the demo val split)",
+    "val_images": "image folder of --val-coco",
+    "val_limit": "validate on the first N val images only",
+    "student": "student backbone: mobilenet_v3_large (default) or resnet18",
+    "image_size": "deployment input size in pixels, a multiple of 64 (default 256)",
+    "distill_steps": "distillation steps (default: the standard budget)",
+    "calib_method": "minmax, entropy or percentile (default: the profile's)",
+    "per_channel": "per-channel weight quantization (default: the profile's)",
+    "parity_budget": "max INT8 mask AP drop vs the FP32 student, in AP points (default: profile)",
+    "latency_runs": "timed runs per precision for latency (default 30)",
+    "strict": "fail on unreadable images instead of skipping them",
+    "debug": "show full tracebacks",
+})
+def build(c, target="arm64", profile=None, checkpoint=None, train_coco=None, train_images=None,
+          calib_images=None, calib_count=64, val_coco=None, val_images=None, val_limit=None,
+          student="mobilenet_v3_large", image_size=256, distill_steps=None, calib_method=None,
+          per_channel=None, parity_budget=None, latency_runs=30, strict=False, debug=False):
+    """Distill, quantize, convert, validate and bundle a Mask R-CNN for one edge target."""
+    from pipeline.build import BuildConfig, run_build
+
+    def go():
+        config = BuildConfig(
+            target=target, profile=profile, checkpoint=_path(checkpoint),
+            train_coco=_path(train_coco), train_images=_path(train_images),
+            calib_images=_path(calib_images), calib_count=int(calib_count),
+            val_coco=_path(val_coco), val_images=_path(val_images),
+            val_limit=int(val_limit) if val_limit else None, student=student,
+            image_size=int(image_size),
+            distill_steps=int(distill_steps) if distill_steps else None,
+            calib_method=calib_method,
+            per_channel=None if per_channel is None else str(per_channel).lower() in
+            ("1", "true", "yes"),
+            parity_budget=float(parity_budget) if parity_budget is not None else None,
+            latency_runs=int(latency_runs), strict=bool(strict), artifacts=ARTIFACTS,
+        )
+        return run_build(config)
+
+    _run(go, debug)
 
 
 @task(help={
@@ -53,5 +115,44 @@ def train_demo(c, steps=2600, out=None, debug=False):
     from pipeline.train import DEMO_TEACHER, TrainSettings, train_demo_teacher
 
     settings = TrainSettings(steps=int(steps))
-    _run(lambda: train_demo_teacher(ARTIFACTS, settings, Path(out) if out else DEMO_TEACHER),
-         debug)
+    _run(lambda: train_demo_teacher(ARTIFACTS, settings, _path(out) or DEMO_TEACHER), debug)
+
+
+@task
+def targets(c):
+    """List the deployment targets and their hardware profiles."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from targets import list_targets
+
+    table = Table(title="maskedge targets")
+    for col in ("target", "runtime", "profile", "default", "latency p90 budget", "notes"):
+        table.add_column(col)
+    for t in list_targets():
+        for p in t.profiles():
+            table.add_row(t.name, t.runtime, p.name, "yes" if p.name == t.default_profile else "",
+                          f"{p.latency_budget_ms:g} ms", p.description)
+    Console().print(table)
+
+
+@task(help={"k": "only tests matching this expression", "fast": "skip tests marked slow"})
+def test(c, k=None, fast=False):
+    """Run the test suite (pytest)."""
+    args = [sys.executable, "-m", "pytest", "-q", "-rs"]
+    if k:
+        args += ["-k", k]
+    if fast:
+        args += ["-m", "not slow"]
+    c.run(" ".join(args), pty=False)
+
+
+@task(help={"all": "also remove the stage cache and generated demo data"})
+def clean(c, all=False):
+    """Remove built bundles (and with --all, every cached stage and the demo data)."""
+    if not ARTIFACTS.exists():
+        return
+    for p in ARTIFACTS.iterdir():
+        if all or p.name not in ("cache", "demo_data", "train-demo"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    print(f"cleaned {ARTIFACTS}" + (" (everything)" if all else " (bundles; cache kept)"))

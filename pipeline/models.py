@@ -83,9 +83,10 @@ def teacher_spec(num_classes: int) -> ArchSpec:
 
 def student_spec(num_classes: int, backbone: str = "mobilenet_v3_large", image_size: int = 256,
                  fpn_channels: int = 128) -> ArchSpec:
-    """An edge student. Heads keep the teacher's widths so they can start from its weights."""
+    """An edge student: FPN, RPN and box head keep the teacher's widths so they can start from its
+    weights; the mask head is narrower and shallower, since it runs once per detection."""
     return ArchSpec(backbone=backbone, num_classes=num_classes, image_size=image_size,
-                    fpn_channels=fpn_channels)
+                    fpn_channels=fpn_channels, mask_layers=(64, 64))
 
 
 def _body(spec: ArchSpec) -> tuple[nn.Module, dict[str, str], list[int]]:

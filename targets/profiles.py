@@ -1,0 +1,294 @@
+"""Hardware profiles: what a device is, how its runtime is set up, and what a build must meet.
+
+A profile is a JSON file in a target's ``profiles/`` folder, named after the profile
+(``targets/arm64/profiles/rpi5.json`` is the profile ``rpi5``). :func:`load_profile` reads one
+into a frozen :class:`HardwareProfile`; the target that owns the folder supplies the schema of its
+runtime options (ONNX Runtime session options for arm64) and the ISA features it knows, so the
+same loader serves every target. Every key is checked: an unknown key, a missing one, or a value
+of the wrong type or out of range raises :class:`~pipeline.errors.ConfigError` naming the file and
+the key.
+
+Reads: one profile JSON. Writes: nothing.
+
+Known limits: figures in the shipped profiles (core counts, clocks, ISA features) are from the
+vendors' data sheets, not probed on a device; budgets are project targets, not measurements.
+Accelerators (e.g. the Jetson's GPU) are described but not validated by maskedge here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+QUANT_TYPES = ("int8", "uint8")
+
+
+class RuntimeOptions(Protocol):
+    """A target's runtime options: a frozen dataclass that validates itself on construction."""
+
+    def to_backend_options(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    """The CPU the profile describes."""
+
+    model: str
+    cores: int
+    threads: int
+    frequency_ghz: float
+
+    def __post_init__(self) -> None:
+        _check(self.cores >= 1, "cpu.cores", self.cores, "must be >= 1")
+        _check(1 <= self.threads <= 4 * self.cores, "cpu.threads", self.threads,
+               f"must be between 1 and 4 x cores ({4 * self.cores})")
+        _check(0 < self.frequency_ghz < 10, "cpu.frequency_ghz", self.frequency_ghz,
+               "must be a clock in GHz, between 0 and 10")
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What a build for this device must meet.
+
+    AP drops are in AP points (0-100 scale): ``max_mask_ap_drop=1.0`` allows INT8 mask AP to be at
+    most one point below the FP32 student's.
+    """
+
+    latency_p90_ms: float
+    memory_mb: float
+    max_mask_ap_drop: float = 1.0
+    max_box_ap_drop: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.latency_p90_ms > 0, "budgets.latency_p90_ms", self.latency_p90_ms,
+               "must be > 0")
+        _check(self.memory_mb > 0, "budgets.memory_mb", self.memory_mb, "must be > 0")
+        for key in ("max_mask_ap_drop", "max_box_ap_drop"):
+            value = getattr(self, key)
+            _check(0 <= value <= 100, f"budgets.{key}", value,
+                   "must be an AP drop in points, between 0 and 100")
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    """How the static graphs are quantized for this device.
+
+    ``keep_float_nodes``/``keep_float_op_types`` are always left in float. When a graph's INT8
+    outputs drift below ``min_output_cosine`` against FP32 on the calibration inputs, the quantizer
+    keeps the most sensitive layers in float too, trying at most ``max_float_nodes`` of them and
+    spending at most ``search_seconds``; it never lowers the threshold.
+    """
+
+    calibrate_method: str = "minmax"
+    per_channel: bool = True
+    activation_type: str = "int8"
+    weight_type: str = "int8"
+    activation_symmetric: bool = False
+    reduce_range: bool = False
+    percentile: float = 99.999
+    keep_float_nodes: tuple[str, ...] = ()
+    keep_float_op_types: tuple[str, ...] = ()
+    min_output_cosine: float = 0.99
+    max_float_nodes: int = 8
+    search_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        _check(self.calibrate_method in CALIBRATION_METHODS, "quantization.calibrate_method",
+               self.calibrate_method, f"must be one of {', '.join(CALIBRATION_METHODS)}")
+        for key in ("activation_type", "weight_type"):
+            _check(getattr(self, key) in QUANT_TYPES, f"quantization.{key}", getattr(self, key),
+                   f"must be one of {', '.join(QUANT_TYPES)}")
+        _check(90.0 <= self.percentile < 100.0, "quantization.percentile", self.percentile,
+               "must be in [90, 100)")
+        _check(0.0 < self.min_output_cosine <= 1.0, "quantization.min_output_cosine",
+               self.min_output_cosine, "must be in (0, 1]")
+        _check(self.max_float_nodes >= 0, "quantization.max_float_nodes", self.max_float_nodes,
+               "must be >= 0")
+        _check(self.search_seconds >= 0, "quantization.search_seconds", self.search_seconds,
+               "must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """One device: CPU, ISA, accelerator, runtime options, budgets and quantization settings."""
+
+    name: str
+    description: str
+    target: str
+    cpu: CpuSpec
+    isa: dict[str, bool]
+    runtime: Any  # the target's RuntimeOptions dataclass
+    budgets: Budgets
+    quantization: QuantizationSettings
+    accelerator: str | None = None
+    notes: tuple[str, ...] = ()
+    path: Path | None = None
+
+    @property
+    def threads(self) -> int:
+        return self.cpu.threads
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the bundle manifest."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "target": self.target,
+            "cpu": asdict(self.cpu),
+            "isa": dict(self.isa),
+            "accelerator": self.accelerator,
+            "runtime": asdict(self.runtime),
+            "budgets": asdict(self.budgets),
+            "quantization": self.quantization.to_dict(),
+            "notes": list(self.notes),
+            "path": str(self.path) if self.path else None,
+        }
+
+
+class _FieldError(ConfigError):
+    """A value that fails its check; :func:`load_profile` adds the file name to the message."""
+
+    def __init__(self, key: str, value: Any, why: str) -> None:
+        super().__init__(f"{key}={value!r} {why}")
+        self.key = key
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise _FieldError(key, value, why)
+
+
+T = TypeVar("T")
+
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+}
+
+
+def _coerce(value: Any, annotation: str, key: str) -> Any:
+    """Check one JSON value against a field's annotation (as written in the dataclass)."""
+    annotation = annotation.replace(" ", "")
+    if annotation.endswith("|None"):
+        return None if value is None else _coerce(value, annotation[: -len("|None")], key)
+    if annotation.startswith("tuple[") and annotation.endswith(",...]"):
+        inner = annotation[len("tuple["): -len(",...]")]
+        if not isinstance(value, list):
+            raise _FieldError(key, value, "must be a list")
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+    if annotation in _SCALARS:
+        wanted = _SCALARS[annotation]
+        # JSON true/false are not numbers here, even though Python's bool is an int
+        if isinstance(value, bool) and annotation != "bool" or not isinstance(value, wanted):
+            raise _FieldError(key, value, f"must be a {annotation}")
+        return float(value) if annotation == "float" else value
+    raise AssertionError(f"no JSON rule for annotation {annotation!r} of {key}")
+
+
+def build_section(cls: type[T], data: Any, prefix: str) -> T:
+    """A frozen dataclass from a JSON object: every key known, every value of its field's type."""
+    if not isinstance(data, dict):
+        raise _FieldError(prefix, data, "must be a JSON object")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise _FieldError(f"{prefix}.{unknown[0]}", data[unknown[0]],
+                          f"is not a known key; known keys: {', '.join(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        key = f"{prefix}.{name}"
+        if name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise _FieldError(key, None, "is missing")
+            continue
+        kwargs[name] = _coerce(data[name], str(f.type), key)
+    return cls(**kwargs)
+
+
+TOP_LEVEL = ("name", "description", "cpu", "isa", "accelerator", "runtime", "budgets",
+             "quantization", "notes")
+
+
+def load_profile(path: Path, *, target: str, runtime_options: type,
+                 isa_features: tuple[str, ...]) -> HardwareProfile:
+    """Read and validate one profile file for ``target``.
+
+    ``runtime_options`` is the target's runtime-options dataclass (built from the ``runtime``
+    object, every key checked); ``isa_features`` the feature names the target knows (the ``isa``
+    object must give each a true/false).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: profile file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable JSON profile ({err}); fix the file") from err
+
+    try:
+        if not isinstance(data, dict):
+            raise _FieldError("<top level>", type(data).__name__, "must be a JSON object")
+        unknown = sorted(set(data) - set(TOP_LEVEL))
+        if unknown:
+            raise _FieldError(unknown[0], data[unknown[0]],
+                              f"is not a known key; known keys: {', '.join(TOP_LEVEL)}")
+        for key in ("name", "description", "cpu", "isa", "runtime", "budgets"):
+            if key not in data:
+                raise _FieldError(key, None, "is missing")
+        name = _coerce(data["name"], "str", "name")
+        _check(name == path.stem, "name", name, f"must equal the file name {path.stem!r}")
+        isa = data["isa"]
+        if not isinstance(isa, dict):
+            raise _FieldError("isa", isa, "must be a JSON object of feature: true/false")
+        for feature in sorted(set(isa) - set(isa_features)):
+            raise _FieldError(f"isa.{feature}", isa[feature],
+                              f"is not an ISA feature {target} knows ({', '.join(isa_features)})")
+        for feature in isa_features:
+            if feature not in isa:
+                raise _FieldError(f"isa.{feature}", None, "is missing (give true or false)")
+            _coerce(isa[feature], "bool", f"isa.{feature}")
+        profile = HardwareProfile(
+            name=name,
+            description=_coerce(data["description"], "str", "description"),
+            target=target,
+            cpu=build_section(CpuSpec, data["cpu"], "cpu"),
+            isa={f: bool(isa[f]) for f in isa_features},
+            runtime=build_section(runtime_options, data["runtime"], "runtime"),
+            budgets=build_section(Budgets, data["budgets"], "budgets"),
+            quantization=build_section(QuantizationSettings, data.get("quantization", {}),
+                                       "quantization"),
+            accelerator=_coerce(data.get("accelerator"), "str|None", "accelerator"),
+            notes=_coerce(data.get("notes", []), "tuple[str,...]", "notes"),
+            path=path,
+        )
+    except _FieldError as err:
+        raise ConfigError(f"{path}: {err}; fix that key in the profile") from None
+    log.debug("loaded profile %s from %s", profile.name, path)
+    return profile
+
+
+def check_runtime_field(ok: bool, key: str, value: Any, why: str) -> None:
+    """For runtime-options dataclasses of targets: fail a check with the profile's key named."""
+    _check(ok, f"runtime.{key}", value, why)
+
+
+__all__ = [
+    "Budgets",
+    "CpuSpec",
+    "HardwareProfile",
+    "QuantizationSettings",
+    "RuntimeOptions",
+    "build_section",
+    "check_runtime_field",
+    "load_profile",
+]
