@@ -1,13 +1,449 @@
 """Host code between the static graphs, in numpy, with torchvision's semantics.
 
-Mask pasting mirrors ``torchvision.models.detection.roi_heads.paste_masks_in_image``: each 28x28
-mask is padded by one pixel, its box expanded to match, the mask resized bilinearly
-(align_corners=False) to the integer box size and placed into the image, clipped at its edges.
+The deployed network is three static graphs (backbone+FPN+RPN head, box head, mask head); this
+module is everything torchvision's ``MaskRCNN`` does around them at inference, re-implemented in
+numpy so that a device needs no torch:
+
+- anchors: ``AnchorGenerator`` (cell anchors rounded, one grid per FPN level, stride = input size
+  // grid size);
+- RPN proposals: ``RegionProposalNetwork.filter_proposals`` (per-level top-k on the logits,
+  ``BoxCoder`` decoding with ``bbox_xform_clip``, sigmoid, clip, small-box removal, score
+  threshold with ``>=``, NMS batched by level, post-NMS top-n);
+- multi-scale RoIAlign: ``MultiScaleRoIAlign`` level mapping (``LevelMapper``, FPN eq. 1) and
+  ``roi_align`` with ``aligned=False``, including the C++ kernel's zeroing of samples outside
+  the feature map and the adaptive grid when ``sampling_ratio <= 0``;
+- box post-processing: ``RoIHeads.postprocess_detections`` (softmax, per-class decoding, clip,
+  background dropped, score threshold with ``>``, boxes narrower than 1e-2 dropped, NMS batched
+  by class, top detections);
+- masks: ``maskrcnn_inference`` (the mask of the predicted class, sigmoid) and
+  ``paste_masks_in_image``: each 28x28 mask is padded by one pixel, its box expanded to match,
+  the mask resized bilinearly (align_corners=False) to the integer box size and placed into the
+  image, clipped at its edges.
+
+Arithmetic is float32 in the same order as torchvision wherever that decides a result (box
+decoding, sample positions, IoU); the IoU is compared with the threshold in float64, as the C++
+NMS kernel does. Known differences, all below float32 rounding of a sum: RoIAlign is computed as
+two small matrix products per level (separable bilinear weights), so its sums are reordered
+(~1e-6 relative), and ``exp``/``log2``/``sqrt`` come from numpy rather than torch's vectorised
+math library (an ulp at most). Ties in top-k selection may be broken differently from
+``torch.topk``; they only occur on flat (e.g. constant) images.
+
+Speed: everything is vectorised; the only Python loops run over FPN levels, over *kept* boxes in
+NMS (stopped as soon as the top-n are kept) and over detections when pasting masks.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
+
+# torchvision's constants that are not attributes of the model
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+BOX_MIN_SIZE = 1e-2  # RoIHeads.postprocess_detections: remove_small_boxes(boxes, min_size=1e-2)
+LEVEL_MAPPER_EPS = 1e-6
+# torchvision.ops.batched_nms on CPU: per-class NMS above this many box coordinates, the
+# coordinate-offset trick at or below it
+BATCHED_NMS_VANILLA_ABOVE = 4000
+
+
+# ---------------------------------------------------------------------------------------------
+# anchors
+
+
+def generate_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.ndarray:
+    """Zero-centred anchors (A,4) of one level, ``AnchorGenerator.generate_anchors``."""
+    scales = np.asarray(sizes, dtype=np.float32)
+    ratios = np.asarray(aspect_ratios, dtype=np.float32)
+    h_ratios = np.sqrt(ratios)
+    w_ratios = np.float32(1) / h_ratios
+    ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
+    hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+    base = np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2)
+    return np.round(base).astype(np.float32)
+
+
+def grid_anchors(
+    cell_anchors: np.ndarray, grid: tuple[int, int], stride: tuple[int, int]
+) -> np.ndarray:
+    """Anchors (H*W*A, 4) of one level, ordered (y, x, anchor) like torchvision's."""
+    gh, gw = grid
+    shifts_x = np.arange(gw, dtype=np.int32) * np.int32(stride[1])
+    shifts_y = np.arange(gh, dtype=np.int32) * np.int32(stride[0])
+    sy, sx = np.meshgrid(shifts_y, shifts_x, indexing="ij")
+    sx, sy = sx.reshape(-1), sy.reshape(-1)
+    shifts = np.stack([sx, sy, sx, sy], axis=1).astype(np.float32)
+    cells = np.asarray(cell_anchors, dtype=np.float32)
+    return (shifts[:, None, :] + cells[None, :, :]).reshape(-1, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# boxes
+
+
+def decode_boxes(
+    deltas: np.ndarray, boxes: np.ndarray, weights: Sequence[float], clip: float = BBOX_XFORM_CLIP
+) -> np.ndarray:
+    """``BoxCoder.decode_single``: deltas (N, 4K) relative to boxes (N,4) -> boxes (N, K, 4)."""
+    deltas = np.asarray(deltas, dtype=np.float32)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    ctr_x = boxes[:, 0] + np.float32(0.5) * widths
+    ctr_y = boxes[:, 1] + np.float32(0.5) * heights
+    wx, wy, ww, wh = (np.float32(w) for w in weights)
+    dx = deltas[:, 0::4] / wx
+    dy = deltas[:, 1::4] / wy
+    dw = np.minimum(deltas[:, 2::4] / ww, np.float32(clip))
+    dh = np.minimum(deltas[:, 3::4] / wh, np.float32(clip))
+    pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+    pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+    half_w = np.float32(0.5) * (np.exp(dw) * widths[:, None])
+    half_h = np.float32(0.5) * (np.exp(dh) * heights[:, None])
+    return np.stack(
+        [pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h],
+        axis=2,
+    )
+
+
+def clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``clip_boxes_to_image`` for boxes (..., 4) xyxy."""
+    out = np.empty_like(boxes)
+    out[..., 0::2] = np.clip(boxes[..., 0::2], 0, width)
+    out[..., 1::2] = np.clip(boxes[..., 1::2], 0, height)
+    return out
+
+
+def remove_small_boxes(boxes: np.ndarray, min_size: float) -> np.ndarray:
+    """Indices of the boxes whose both sides are at least ``min_size``."""
+    ws = boxes[:, 2] - boxes[:, 0]
+    hs = boxes[:, 3] - boxes[:, 1]
+    return np.flatnonzero((ws >= min_size) & (hs >= min_size))
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: int | None = None
+) -> np.ndarray:
+    """Greedy NMS like ``torchvision.ops.nms``: kept indices (int64) by decreasing score.
+
+    Scores are sorted stably (ties keep input order); a box is dropped when its IoU with a kept,
+    higher-scoring box is greater than ``iou_threshold``. With ``max_keep`` the search stops once
+    that many boxes are kept, which gives the same first ``max_keep`` indices as a full run.
+    """
+    n = int(scores.shape[0])
+    if n == 0:
+        return np.zeros((0,), dtype=np.int64)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    order = np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")
+    x1, y1, x2, y2 = (np.ascontiguousarray(boxes[order, k]) for k in range(4))
+    areas = (x2 - x1) * (y2 - y1)
+    limit = n if max_keep is None else max(0, int(max_keep))
+    keep: list[int] = []
+    remaining = np.arange(n)
+    zero = np.float32(0)
+    while remaining.size and len(keep) < limit:
+        i = remaining[0]
+        keep.append(int(i))
+        rest = remaining[1:]
+        w = np.maximum(zero, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(zero, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = inter / (areas[i] + areas[rest] - inter)
+        # not (iou > t): a NaN IoU (two empty boxes) suppresses nothing, as in the C++ kernel
+        remaining = rest[~(iou.astype(np.float64) > iou_threshold)]
+    return order[np.asarray(keep, dtype=np.int64)]
+
+
+def batched_nms(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    idxs: np.ndarray,
+    iou_threshold: float,
+    max_keep: int | None = None,
+) -> np.ndarray:
+    """``torchvision.ops.batched_nms`` (CPU): NMS that never suppresses across ``idxs``.
+
+    Up to ``BATCHED_NMS_VANILLA_ABOVE`` coordinates the boxes of each index are offset so that
+    they cannot overlap (torchvision's coordinate trick, same float32 offsets); above it each index
+    runs its own NMS and the kept boxes are merged by score.
+    """
+    if boxes.shape[0] == 0:
+        return np.zeros((0,), dtype=np.int64)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if boxes.size <= BATCHED_NMS_VANILLA_ABOVE:
+        offsets = idxs.astype(np.float32) * (boxes.max() + np.float32(1))
+        return nms(boxes + offsets[:, None], scores, iou_threshold, max_keep)
+    kept = []
+    for value in np.unique(idxs):
+        members = np.flatnonzero(idxs == value)
+        kept.append(members[nms(boxes[members], scores[members], iou_threshold, max_keep)])
+    keep = np.concatenate(kept)
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    return keep if max_keep is None else keep[:max_keep]
+
+
+def topk_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest values, largest first (``torch.topk(sorted=True)``)."""
+    n = values.shape[0]
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros((0,), dtype=np.int64)
+    part = np.argpartition(-values, k - 1)[:k] if k < n else np.arange(n)
+    return part[np.argsort(-values[part], kind="stable")]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """``torch.sigmoid`` in float32: 1 / (1 + exp(-x)); exp overflow gives exactly 0."""
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        return np.float32(1) / (np.float32(1) + np.exp(-x))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# RPN
+
+
+def flatten_rpn_level(logits: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One level's head outputs [1,A,H,W] and [1,4A,H,W] -> objectness (H*W*A,) and (H*W*A, 4),
+    in the anchors' (y, x, anchor) order (torchvision's ``permute_and_flatten``)."""
+    _, a, h, w = logits.shape
+    objectness = logits[0].transpose(1, 2, 0).reshape(-1)
+    box = deltas[0].reshape(a, 4, h, w).transpose(2, 3, 0, 1).reshape(-1, 4)
+    return objectness, box
+
+
+def rpn_proposals(
+    logits: Sequence[np.ndarray],
+    deltas: Sequence[np.ndarray],
+    anchors: Sequence[np.ndarray],
+    image_size: tuple[int, int],
+    *,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    score_thresh: float = 0.0,
+    min_size: float = 1e-3,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    clip: float = BBOX_XFORM_CLIP,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Proposals (P,4) float32 and their objectness probabilities (P,), best first.
+
+    ``logits[i]``/``deltas[i]`` are level i's RPN head outputs, ``anchors[i]`` its anchors from
+    :func:`grid_anchors`. Only the per-level top-k anchors are decoded: decoding is row-wise, so
+    this gives the same boxes as decoding all of them first.
+    """
+    boxes_l, scores_l, levels_l = [], [], []
+    for level, (lg, dl, anc) in enumerate(zip(logits, deltas, anchors, strict=True)):
+        objectness, box_deltas = flatten_rpn_level(np.asarray(lg), np.asarray(dl))
+        top = topk_indices(objectness, pre_nms_top_n)
+        boxes_l.append(decode_boxes(box_deltas[top], anc[top], weights, clip)[:, 0])
+        scores_l.append(objectness[top])
+        levels_l.append(np.full(top.shape[0], level, dtype=np.int64))
+    boxes = clip_boxes(np.concatenate(boxes_l), *image_size)
+    scores = sigmoid(np.concatenate(scores_l))
+    levels = np.concatenate(levels_l)
+
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+    keep = np.flatnonzero(scores >= np.float32(score_thresh))
+    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+    keep = batched_nms(boxes, scores, levels, nms_thresh, max_keep=post_nms_top_n)
+    return boxes[keep], scores[keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# RoIAlign
+
+
+def map_levels(
+    boxes: np.ndarray,
+    k_min: int,
+    k_max: int,
+    canonical_scale: float = 224,
+    canonical_level: int = 4,
+    eps: float = LEVEL_MAPPER_EPS,
+) -> np.ndarray:
+    """``LevelMapper``: the pyramid level index (0 = finest pooled level) of each box."""
+    s = np.sqrt(box_area(np.asarray(boxes, dtype=np.float32)))
+    with np.errstate(divide="ignore"):
+        lvl = np.floor(
+            np.float32(canonical_level) + np.log2(s / np.float32(canonical_scale)) + np.float32(eps)
+        )
+    lvl = np.clip(lvl, k_min, k_max)
+    return lvl.astype(np.int64) - k_min
+
+
+def _axis_weights(
+    start: np.ndarray, length: np.ndarray, pooled: int, grid: np.ndarray, size: int
+) -> np.ndarray:
+    """Bilinear weights (N, pooled, size) along one axis, averaged over the grid samples.
+
+    Sample positions and corner weights follow torchvision's ``roi_align`` CPU kernel with
+    aligned=False: position ``start + p*bin + (i+0.5)*bin/grid``, a sample below -1 or above
+    ``size`` contributes zero, positions are clamped at 0 and at the last pixel.
+    """
+    n = start.shape[0]
+    g_max = int(grid.max()) if n else 1
+    bin_size = length / np.float32(pooled)
+    p = np.arange(pooled, dtype=np.float32)
+    i = np.arange(g_max, dtype=np.float32)
+    grid_f = grid.astype(np.float32)
+    pos = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) + (
+        (i[None, None, :] + np.float32(0.5)) * bin_size[:, None, None] / grid_f[:, None, None]
+    )  # (N, P, G)
+    valid = (pos >= -1.0) & (pos <= size) & (i[None, None, :] < grid_f[:, None, None])
+    pos = np.maximum(pos, np.float32(0))
+    low = pos.astype(np.int64)
+    at_end = low >= size - 1
+    low = np.where(at_end, size - 1, low)
+    high = np.where(at_end, size - 1, low + 1)
+    pos = np.where(at_end, low.astype(np.float32), pos)
+    frac_high = pos - low.astype(np.float32)
+    frac_low = np.float32(1) - frac_high
+    frac_high = np.where(valid, frac_high, np.float32(0))
+    frac_low = np.where(valid, frac_low, np.float32(0))
+
+    weights = np.zeros((n, pooled, size), dtype=np.float32)
+    rows = np.broadcast_to(np.arange(n)[:, None, None], low.shape)
+    cols = np.broadcast_to(np.arange(pooled)[None, :, None], low.shape)
+    np.add.at(weights, (rows, cols, low), frac_low)
+    np.add.at(weights, (rows, cols, high), frac_high)
+    return weights / grid_f[:, None, None]
+
+
+def roi_align(
+    features: np.ndarray,
+    boxes: np.ndarray,
+    output_size: int | tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> np.ndarray:
+    """``torchvision.ops.roi_align`` (aligned=False) of boxes (N,4) on one map (C,H,W) or
+    (1,C,H,W) -> (N, C, PH, PW) float32.
+
+    Bilinear sampling is separable, so each RoI's output is ``Wy @ F @ Wx.T`` with per-RoI
+    weight matrices along y (PH, H) and x (PW, W) that already hold the grid average; the
+    products run as two BLAS calls for all RoIs of a map.
+    """
+    feats = np.asarray(features, dtype=np.float32)
+    if feats.ndim == 4:
+        feats = feats[0]
+    c, h, w = feats.shape
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
+    n = boxes.shape[0]
+    if n == 0:
+        return np.zeros((0, c, ph, pw), dtype=np.float32)
+
+    scale = np.float32(spatial_scale)
+    boxes = np.asarray(boxes, dtype=np.float32)
+    start_x, start_y = boxes[:, 0] * scale, boxes[:, 1] * scale
+    roi_w = np.maximum(boxes[:, 2] * scale - start_x, np.float32(1))
+    roi_h = np.maximum(boxes[:, 3] * scale - start_y, np.float32(1))
+    if sampling_ratio > 0:
+        grid_y = np.full(n, sampling_ratio, dtype=np.int64)
+        grid_x = grid_y
+    else:
+        grid_y = np.ceil(roi_h / np.float32(ph)).astype(np.int64)
+        grid_x = np.ceil(roi_w / np.float32(pw)).astype(np.int64)
+    wy = _axis_weights(start_y, roi_h, ph, grid_y, h)  # (N, PH, H)
+    wx = _axis_weights(start_x, roi_w, pw, grid_x, w)  # (N, PW, W)
+    # contract H for all RoIs at once, then W per RoI
+    rows = wy.reshape(n * ph, h) @ feats.transpose(1, 0, 2).reshape(h, c * w)  # (N*PH, C*W)
+    out = np.matmul(rows.reshape(n, ph * c, w), wx.transpose(0, 2, 1))  # (N, PH*C, PW)
+    return np.ascontiguousarray(out.reshape(n, ph, c, pw).transpose(0, 2, 1, 3))
+
+
+def multiscale_roi_align(
+    features: Sequence[np.ndarray],
+    boxes: np.ndarray,
+    output_size: int | tuple[int, int],
+    sampling_ratio: int,
+    scales: Sequence[float],
+    canonical_scale: float = 224,
+    canonical_level: int = 4,
+) -> np.ndarray:
+    """``MultiScaleRoIAlign`` for one image: each box pooled from its ``LevelMapper`` level.
+
+    ``features`` are the pooled maps in the model's feature order, ``scales`` their spatial scales
+    (1/stride, powers of two).
+    """
+    feats = [np.asarray(f, dtype=np.float32) for f in features]
+    c = feats[0].shape[-3]
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if len(feats) == 1:
+        return roi_align(feats[0], boxes, (ph, pw), scales[0], sampling_ratio)
+    k_min = int(-math.log2(scales[0]))
+    k_max = int(-math.log2(scales[-1]))
+    levels = map_levels(boxes, k_min, k_max, canonical_scale, canonical_level)
+    out = np.zeros((boxes.shape[0], c, ph, pw), dtype=np.float32)
+    for level, (feat, scale) in enumerate(zip(feats, scales, strict=True)):
+        idx = np.flatnonzero(levels == level)
+        if idx.size:
+            out[idx] = roi_align(feat, boxes[idx], (ph, pw), scale, sampling_ratio)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# box and mask heads
+
+
+def box_detections(
+    class_logits: np.ndarray,
+    box_deltas: np.ndarray,
+    proposals: np.ndarray,
+    image_size: tuple[int, int],
+    *,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
+    clip: float = BBOX_XFORM_CLIP,
+    min_size: float = BOX_MIN_SIZE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``RoIHeads.postprocess_detections`` for one image -> boxes (D,4), scores (D,), labels (D,).
+
+    Every (proposal, foreground class) pair is a candidate; candidates above ``score_thresh``
+    with both sides at least ``min_size`` go through NMS per class; the best
+    ``detections_per_img`` are kept, best first.
+    """
+    num_classes = class_logits.shape[-1]
+    boxes = clip_boxes(decode_boxes(box_deltas, proposals, weights, clip), *image_size)
+    scores = softmax(class_logits)
+    labels = np.broadcast_to(np.arange(num_classes, dtype=np.int64), scores.shape)
+    boxes = boxes[:, 1:].reshape(-1, 4)
+    scores = scores[:, 1:].reshape(-1)
+    labels = labels[:, 1:].reshape(-1)
+
+    keep = np.flatnonzero(scores > np.float32(score_thresh))
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, nms_thresh, max_keep=detections_per_img)
+    return boxes[keep], scores[keep], labels[keep]
+
+
+def select_masks(mask_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``maskrcnn_inference``: logits (D,K,M,M) -> probabilities (D,M,M) of each label's class."""
+    picked = mask_logits[np.arange(labels.shape[0]), labels]
+    return sigmoid(picked)
+
+
+# ---------------------------------------------------------------------------------------------
+# masks in the image
 
 
 def _resize_bilinear(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -29,8 +465,9 @@ def _resize_bilinear(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return top * (1 - fy)[:, None] + bottom * fy[:, None]
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, im_h: int, im_w: int,
-                padding: int = 1) -> np.ndarray:
+def paste_masks(
+    masks: np.ndarray, boxes: np.ndarray, im_h: int, im_w: int, padding: int = 1
+) -> np.ndarray:
     """(N,M,M) mask probabilities and (N,4) xyxy boxes -> (N,im_h,im_w) float32 probabilities."""
     n, m = masks.shape[0], masks.shape[-1]
     out = np.zeros((n, im_h, im_w), dtype=np.float32)

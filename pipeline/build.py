@@ -96,6 +96,464 @@ class _Stages:
                  f" ({path})" if path else "")
 
 
+@dataclass
+class _Data:
+    """The image sets of one build, with the hashes their cache keys use."""
+
+    train: Any  # CocoInstances, or a list of image paths (unlabelled)
+    train_hash: str
+    calib_paths: list[Path]
+    val: Any  # CocoInstances
+    val_hash: str
+    sources: dict[str, str]
+
+
+def _resolve_data(config: BuildConfig) -> _Data:
+    from pipeline.datasets import CocoInstances, list_images
+    from pipeline.demo import DemoSpec, ensure_demo_data
+
+    needs_demo = (config.train_images is None or config.calib_images is None
+                  or config.val_coco is None)
+    splits = {}
+    if needs_demo:
+        splits = ensure_demo_data(config.artifacts / "demo_data", DemoSpec(**config.demo_spec))
+    sources = {}
+    if config.train_coco is not None:
+        train: Any = CocoInstances(config.train_coco, config.train_images)
+        train_hash = sha256_files([config.train_coco]) + str(len(train))
+        sources["train"] = f"COCO {config.train_coco}"
+    elif config.train_images is not None:
+        train = list_images(config.train_images)
+        train_hash = hash_json([(str(p.relative_to(config.train_images)), p.stat().st_size)
+                                for p in train])
+        sources["train"] = f"unlabelled images {config.train_images} ({len(train)})"
+    else:
+        ann = splits["train"] / "annotations.json"
+        train = CocoInstances(ann, splits["train"] / "images")
+        train_hash = sha256_file(ann)
+        sources["train"] = f"demo train split {splits['train']}"
+    calib_dir = config.calib_images or splits["calib"] / "images"
+    calib_paths = list_images(calib_dir)
+    sources["calibration"] = ("demo calib split " if config.calib_images is None else "") + str(
+        calib_dir)
+    if config.val_coco is not None:
+        val = CocoInstances(config.val_coco, config.val_images)
+        val_hash = sha256_file(config.val_coco)
+        sources["validation"] = f"COCO {config.val_coco}"
+    else:
+        ann = splits["val"] / "annotations.json"
+        val = CocoInstances(ann, splits["val"] / "images")
+        val_hash = sha256_file(ann)
+        sources["validation"] = f"demo val split {splits['val']}"
+    return _Data(train, train_hash, calib_paths, val, val_hash, sources)
+
+
+def _evaluate(stages: _Stages, name: str, key_parts: dict[str, Any], predict, val,
+              limit: int | None) -> dict[str, float]:
+    """COCO AP of ``predict``, cached when ``key_parts`` identify a fixed model."""
+    from pipeline.evaluate import evaluate_coco
+
+    key = hash_json({**key_parts, "limit": limit, "version": __version__})
+    entry = stages.cache.lookup(f"eval-{name}", key)
+    if entry is not None:
+        return json.loads((entry / "metrics.json").read_text())
+    with stages.cache.build(f"eval-{name}", key, key_parts) as tmp:
+        metrics = evaluate_coco(predict, val, limit=limit)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _stage_distill(stages: _Stages, config: BuildConfig, loaded, teacher_hash: str,
+                   data: _Data):
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.distill import DistillSettings, distill
+    from pipeline.models import student_spec
+    from pipeline.train import save_checkpoint
+
+    t0 = stages.begin("distill")
+    overrides = {"steps": config.distill_steps} if config.distill_steps else {}
+    settings = DistillSettings(**overrides)
+    spec = student_spec(loaded.spec.num_classes if loaded.spec else len(loaded.class_names) + 1,
+                        backbone=config.student, image_size=config.image_size)
+    key_parts = {"teacher": teacher_hash, "student": spec.to_dict(),
+                 "settings": asdict(settings), "train": data.train_hash, "version": __version__}
+    key = hash_json(key_parts)
+    entry = stages.cache.lookup("distill", key)
+    cached = entry is not None
+    if entry is None:
+        workdir = stages.cache.root / f"work-distill-{key[:16]}"
+        with stages.cache.build("distill", key, key_parts) as tmp:
+            student, report = distill(loaded.model, spec, train=data.train, settings=settings,
+                                      workdir=workdir)
+            save_checkpoint(student, spec, loaded.class_names, loaded.category_ids,
+                            tmp / "student.pt", fp16=False)
+            (tmp / "distill.json").write_text(json.dumps(report, indent=2, default=str))
+        shutil.rmtree(workdir, ignore_errors=True)
+        entry = stages.cache.lookup("distill", key)
+    report = json.loads((entry / "distill.json").read_text())
+    student = load_checkpoint(entry / "student.pt")
+    stages.end("distill", t0, cached, entry / "student.pt",
+               f"{spec.backbone} student, {report.get('steps', '?')} steps")
+    return student, report, sha256_file(entry / "student.pt")
+
+
+def _stage_export(stages: _Stages, student, student_hash: str) -> Path:
+    from pipeline.export import export_graphs
+
+    t0 = stages.begin("export")
+    key_parts = {"student": student_hash, "opset": 17, "version": __version__}
+    key = hash_json(key_parts)
+    entry = stages.cache.lookup("export", key)
+    cached = entry is not None
+    if entry is None:
+        with stages.cache.build("export", key, key_parts) as tmp:
+            export_graphs(student.model, tmp, opset=17)
+        entry = stages.cache.lookup("export", key)
+    stages.end("export", t0, cached, entry, "3 static ONNX graphs (FP32)")
+    return entry
+
+
+def _quant_settings(config: BuildConfig, profile):
+    q = profile.quantization
+    changes = {}
+    if config.calib_method:
+        changes["calibrate_method"] = config.calib_method
+    if config.per_channel is not None:
+        changes["per_channel"] = config.per_channel
+    return q.with_(**changes) if changes else q
+
+
+def _stage_calibrate_quantize(stages: _Stages, config: BuildConfig, target, profile,
+                              export_dir: Path, data: _Data) -> tuple[Path, dict, dict]:
+    from calibration.sets import build_calibration_set, collect_graph_inputs
+    from maskedge_runner.engine import Engine
+
+    t0 = stages.begin("calibrate")
+    calib = build_calibration_set(data.calib_paths, count=config.calib_count,
+                                  image_size=config.image_size, strict=config.strict)
+    stages.end("calibrate", t0, False, None,
+               f"{calib.manifest['count']} images, set hash {calib.manifest['set_sha256'][:12]}")
+
+    t0 = stages.begin("quantize")
+    settings = _quant_settings(config, profile)
+    key_parts = {"export": export_dir.name, "calibration": calib.manifest["set_sha256"],
+                 "settings": settings.to_dict(), "target": target.name, "version": __version__}
+    key = hash_json(key_parts)
+    entry = stages.cache.lookup(f"quantize-{target.name}", key)
+    cached = entry is not None
+    if entry is None:
+        engine = Engine.from_dir(export_dir, precision="fp32")
+        inputs = collect_graph_inputs(engine, calib.images)
+        with stages.cache.build(f"quantize-{target.name}", key, key_parts) as tmp:
+            report = target.quantize(export_dir, tmp, inputs, settings)
+            (tmp / "quantize.json").write_text(json.dumps(report, indent=2, default=str))
+            (tmp / "calibration.json").write_text(json.dumps(calib.manifest, indent=2))
+        entry = stages.cache.lookup(f"quantize-{target.name}", key)
+    report = json.loads((entry / "quantize.json").read_text())
+    stages.end("quantize", t0, cached, entry, f"INT8 ({settings.calibrate_method}, "
+               f"{'per-channel' if settings.per_channel else 'per-tensor'})")
+    return entry, report, json.loads((entry / "calibration.json").read_text())
+
+
+def _count_lost_images(fp32: list, int8: list, score: float) -> dict[str, Any]:
+    """Images on which FP32 finds objects (score >= ``score``) and INT8 finds none (B09)."""
+    with_objects = [i for i, d in enumerate(fp32) if (d.scores >= score).any()]
+    lost = [i for i in with_objects if not (int8[i].scores >= score).any()]
+    return {"score_threshold": score, "images_with_fp32_detections": len(with_objects),
+            "images_losing_all_detections": len(lost),
+            "fraction_lost": round(len(lost) / max(1, len(with_objects)), 4)}
+
+
+def _mask_sharpness(dets: list) -> float:
+    """Mean |p - 0.5| of mask probabilities inside detections' boxes (0.5: crisp, 0: collapsed)."""
+    values = []
+    for d in dets:
+        for j in range(len(d)):
+            x0, y0, x1, y1 = (int(v) for v in d.boxes[j])
+            patch = d.masks[j][y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
+            if patch.size:
+                values.append(float(abs(patch - 0.5).mean()))
+    return round(float(sum(values) / len(values)), 4) if values else 0.0
+
+
+def _stage_parity(stages: _Stages, config: BuildConfig, profile, staging: Path, loaded,
+                  teacher_hash: str, student, student_hash: str, data: _Data,
+                  backend: str) -> dict[str, Any]:
+    from maskedge_runner.engine import Engine
+
+    from pipeline.evaluate import TorchPredictor, evaluate_coco
+    from pipeline.parity import compare_graphs
+
+    t0 = stages.begin("parity")
+    limit = config.val_limit
+    val_key = {"val": data.val_hash}
+    teacher_m = _evaluate(stages, "teacher", {"model": teacher_hash, **val_key},
+                          TorchPredictor(loaded.model), data.val, limit)
+    torch_m = _evaluate(stages, "student", {"model": student_hash, **val_key},
+                        TorchPredictor(student.model), data.val, limit)
+    options = profile.runtime.to_backend_options()
+    engines = {p: Engine.from_dir(staging, precision=p, backend=backend, runtime_options=options)
+               for p in ("fp32", "int8")}
+    results: dict[str, list] = {"fp32": [], "int8": []}
+
+    def recorder(precision: str):
+        engine = engines[precision]
+
+        def predict(image):
+            det = engine.predict(image)
+            results[precision].append(det)
+            return det
+        return predict
+
+    runner_m = {p: evaluate_coco(recorder(p), data.val, limit=limit) for p in ("fp32", "int8")}
+    ids = data.val.image_ids[: min(len(data.val), 16)]
+    tensors = compare_graphs(engines["fp32"], engines["int8"],
+                             [data.val.load_image(i) for i in ids])
+    lost = _count_lost_images(results["fp32"], results["int8"], score=0.5)
+    sharp = {p: _mask_sharpness(results[p]) for p in ("fp32", "int8")}
+    ap = {"teacher": teacher_m, "student_fp32_torch": torch_m,
+          "student_fp32": runner_m["fp32"], "student_int8": runner_m["int8"]}
+    stages.end("parity", t0, False, None,
+               f"mask AP teacher {teacher_m['mask_ap']:.3f} / FP32 "
+               f"{runner_m['fp32']['mask_ap']:.3f} / INT8 {runner_m['int8']['mask_ap']:.3f}")
+    return {"ap": ap, "tensors": tensors, "detections_lost": lost, "mask_sharpness": sharp,
+            "through": f"bundle runner (maskedge_runner.engine, {backend})",
+            "val_images": int(runner_m["int8"]["images"])}
+
+
+def _judge(parity: dict[str, Any], latency: dict[str, Any], profile) -> dict[str, Any]:
+    """Apply the profile's budgets; every check says what it compared."""
+    budgets = profile.budgets
+    fp32, int8 = parity["ap"]["student_fp32"], parity["ap"]["student_int8"]
+    checks = []
+
+    def check(name: str, value: float, limit: float, ok: bool, what: str) -> None:
+        checks.append({"check": name, "value": round(value, 4), "limit": limit, "passed": ok,
+                       "what": what})
+
+    mask_drop = 100.0 * (fp32["mask_ap"] - int8["mask_ap"])
+    box_drop = 100.0 * (fp32["box_ap"] - int8["box_ap"])
+    check("mask_ap_drop", mask_drop, budgets.max_mask_ap_drop,
+          mask_drop <= budgets.max_mask_ap_drop,
+          "INT8 mask AP below the FP32 student, AP points (through the bundle runner)")
+    check("box_ap_drop", box_drop, budgets.max_box_ap_drop, box_drop <= budgets.max_box_ap_drop,
+          "INT8 box AP below the FP32 student, AP points")
+    lost = parity["detections_lost"]["fraction_lost"]
+    check("images_losing_detections", lost, budgets.max_lost_image_fraction,
+          lost <= budgets.max_lost_image_fraction,
+          "fraction of val images with FP32 detections (score>=0.5) and none in INT8")
+    sharp = parity["mask_sharpness"]
+    ratio = sharp["int8"] / sharp["fp32"] if sharp["fp32"] else 1.0
+    check("mask_sharpness_ratio", ratio, 0.8, ratio >= 0.8,
+          "INT8/FP32 mean |p-0.5| of mask probabilities (a collapsed mask head -> 0)")
+    p90 = latency["int8"]["end_to_end_ms"]["p90"]
+    gated = latency.get("gated", False)
+    checks.append({"check": "latency_p90_ms", "value": p90,
+                   "limit": budgets.latency_p90_ms,
+                   "passed": (p90 <= budgets.latency_p90_ms) if gated else None,
+                   "what": "INT8 end-to-end p90; " + latency.get("gating_note", "")})
+    failed = [c for c in checks if c["passed"] is False]
+    return {"passed": not failed, "checks": checks,
+            "reasons": [f"{c['check']} = {c['value']} (limit {c['limit']}): {c['what']}"
+                        for c in failed]}
+
+
+KNOWN_LIMITATIONS = [
+    "Images are processed one at a time (batch size 1); a list of images is run in sequence.",
+    "Inputs are letterboxed to a fixed square size; boxes and masks are mapped back to the "
+    "original image.",
+    "Latency figures are host measurements with the profile's thread count unless the manifest "
+    "says they were taken on the device; run `python -m maskedge_runner.bench` on the board.",
+    "ONNX Runtime leaves the mask head's ConvTranspose in float (it has no INT8 kernel for it).",
+    "Anchors, NMS, RoIAlign and mask pasting run in numpy on the host CPU.",
+]
+
+
+def _host() -> dict[str, Any]:
+    import os
+
+    return {"machine": platform.machine(), "system": platform.system(),
+            "python": platform.python_version(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count()}
+
+
+def _summary_table(manifest: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    ap = manifest["parity"]["ap"]
+    lat = manifest["latency"]
+    sizes = manifest["sizes_mb"]
+    table = Table(title=f"maskedge build: {manifest['target']} / {manifest['profile']['name']} "
+                        f"-> {manifest['status'].upper()}")
+    for col in ("model", "box AP", "mask AP", "mask AP50", "size MB", "p50 ms", "p90 ms"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    rows = [("teacher (PyTorch)", ap["teacher"], sizes.get("teacher"), None),
+            ("student FP32", ap["student_fp32"], sizes.get("fp32"), lat.get("fp32")),
+            ("student INT8", ap["student_int8"], sizes.get("int8"), lat.get("int8"))]
+    for name, m, size, lat_p in rows:
+        e2e = (lat_p or {}).get("end_to_end_ms", {})
+        table.add_row(name, f"{m['box_ap']:.3f}", f"{m['mask_ap']:.3f}", f"{m['mask_ap50']:.3f}",
+                      f"{size:.1f}" if size else "-",
+                      f"{e2e['p50']:.1f}" if e2e else "-", f"{e2e['p90']:.1f}" if e2e else "-")
+    console = Console()
+    console.print(table)
+    for c in manifest["gate"]["checks"]:
+        mark = {True: "pass", False: "FAIL", None: "not gated"}[c["passed"]]
+        console.print(f"  {mark:>9}  {c['check']} = {c['value']} (limit {c['limit']})")
+    console.print(f"bundle: {manifest['bundle_path']}")
+
+
+def _write_report(path: Path, manifest: dict[str, Any]) -> None:
+    ap = manifest["parity"]["ap"]
+    lines = [f"# maskedge build report: {manifest['target']} / {manifest['profile']['name']}",
+             "", f"Status: **{manifest['status']}** ({manifest['built_at']}, maskedge "
+             f"{manifest['maskedge_version']}, commit {manifest['git_commit']})", "",
+             "## Accuracy (COCO, val set, through the bundle runner)", "",
+             "| model | box AP | box AP50 | mask AP | mask AP50 |", "|---|---|---|---|---|"]
+    for name, key in (("teacher (PyTorch)", "teacher"), ("student FP32 (PyTorch)",
+                      "student_fp32_torch"), ("student FP32 (runner)", "student_fp32"),
+                      ("student INT8 (runner)", "student_int8")):
+        m = ap[key]
+        lines.append(f"| {name} | {m['box_ap']:.4f} | {m['box_ap50']:.4f} | {m['mask_ap']:.4f} | "
+                     f"{m['mask_ap50']:.4f} |")
+    lines += ["", "## Gate", ""]
+    for c in manifest["gate"]["checks"]:
+        mark = {True: "pass", False: "FAIL", None: "not gated"}[c["passed"]]
+        lines.append(f"- {mark}: `{c['check']}` = {c['value']} (limit {c['limit']}) — {c['what']}")
+    lines += ["", "## Latency", "", manifest["latency"].get("note", ""), ""]
+    for p in ("fp32", "int8"):
+        e = manifest["latency"][p]["end_to_end_ms"]
+        lines.append(f"- {p}: p50 {e['p50']:.1f} ms, p90 {e['p90']:.1f} ms, p99 {e['p99']:.1f} ms")
+    lines += ["", "Full figures: `manifest.json`.", "", "## Known limitations", ""]
+    lines += [f"- {x}" for x in manifest["known_limitations"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def run_build(config: BuildConfig) -> dict[str, Any]:
-    """Run every stage for ``config``; returns the manifest. Raises GateError on a failed gate."""
-    raise NotImplementedError
+    """Run every stage for ``config``; return the manifest. Raises GateError on a failed gate."""
+    import onnxruntime
+
+    from pipeline.bundle import (
+        copy_runner,
+        file_hashes,
+        git_commit,
+        new_staging,
+        publish,
+        write_json_atomic,
+        write_tarball,
+    )
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.latency import profile_latency
+    from pipeline.models import count_macs, count_parameters
+    from targets import get_target
+
+    started = time.perf_counter()
+    target = get_target(config.target)
+    profile = target.profile(config.profile)
+    if config.parity_budget is not None:
+        profile = profile.with_parity_budget(config.parity_budget)
+    cache = StageCache(config.artifacts / "cache")
+    cache.clean_partial()
+    stages = _Stages(cache)
+    log.info("building %s for %s (%s)", config.target, profile.name, profile.description)
+
+    t0 = stages.begin("load")
+    teacher_path = config.checkpoint or DEMO_TEACHER
+    loaded = load_checkpoint(teacher_path)
+    teacher_hash = sha256_file(teacher_path)
+    data = _resolve_data(config)
+    stages.end("load", t0, False, teacher_path, f"teacher with {len(loaded.class_names)} classes")
+
+    student, distill_report, student_hash = _stage_distill(stages, config, loaded, teacher_hash,
+                                                           data)
+    export_dir = _stage_export(stages, student, student_hash)
+    quant_dir, quant_report, calib_manifest = _stage_calibrate_quantize(
+        stages, config, target, profile, export_dir, data)
+
+    staging = new_staging(config.artifacts, target.name)
+    try:
+        shutil.copytree(export_dir / "models" / "fp32", staging / "models" / "fp32")
+        shutil.copytree(quant_dir / "models" / "int8", staging / "models" / "int8")
+        shutil.copy2(export_dir / "graph_spec.json", staging / "graph_spec.json")
+        copy_runner(staging)
+        graph_spec = json.loads((staging / "graph_spec.json").read_text())
+        runtime = {"name": target.runtime, "version": onnxruntime.__version__,
+                   "opset": graph_spec.get("opset"),
+                   "options": profile.runtime.to_backend_options()}
+        classes = [{"label": i + 1, "name": n, "category_id": c}
+                   for i, (n, c) in enumerate(zip(loaded.class_names, loaded.category_ids))]
+        write_json_atomic(staging / "manifest.json", {"status": "building", "runtime": runtime,
+                                                      "classes": classes})
+
+        parity = _stage_parity(stages, config, profile, staging, loaded, teacher_hash, student,
+                               student_hash, data, target.backend)
+        t0 = stages.begin("latency")
+        latency = profile_latency(staging, profile, runs=config.latency_runs,
+                                  warmup=config.latency_warmup)
+        stages.end("latency", t0, False, None,
+                   f"INT8 p90 {latency['int8']['end_to_end_ms']['p90']:.1f} ms, "
+                   f"INT8/FP32 {latency['int8_over_fp32']['end_to_end_p50']:.2f}x")
+        gate = _judge(parity, latency, profile)
+
+        def size_mb(folder: Path) -> float:
+            return round(sum(p.stat().st_size for p in folder.glob("*.onnx")) / 1e6, 2)
+
+        manifest = {
+            "format": "maskedge-bundle", "format_version": 1,
+            "status": "passed" if gate["passed"] else "failed",
+            "maskedge_version": __version__, "git_commit": git_commit(),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": None, "host": _host(),
+            "target": target.name, "profile": profile.to_dict(), "config": config.to_dict(),
+            "data": data.sources,
+            "input": {"size": graph_spec.get("image_size"), "layout": "NCHW", "dtype": "float32",
+                      "color": "RGB", "range": [0.0, 1.0],
+                      "preprocessing": "letterbox: keep aspect, longer side to size, pad "
+                                       "bottom/right with the mean; mean/std inside the graph",
+                      "mean": graph_spec.get("mean"), "std": graph_spec.get("std"),
+                      "batch": "one image per call"},
+            "classes": classes,
+            "thresholds": {k: graph_spec.get(k) for k in ("box_score_thresh", "box_nms_thresh",
+                                                          "detections_per_img")},
+            "runtime": runtime,
+            "models": {p: {g: f"models/{p}/{g}.onnx" for g in ("backbone", "box_head",
+                                                              "mask_head")}
+                       for p in ("int8", "fp32")},
+            "teacher": {"checkpoint": str(teacher_path), "sha256": teacher_hash,
+                        "arch": loaded.spec.to_dict() if loaded.spec else None,
+                        "parameters": count_parameters(loaded.model),
+                        "macs": count_macs(loaded.model, config.image_size)},
+            "student": {"arch": student.spec.to_dict(), "sha256": student_hash,
+                        "parameters": count_parameters(student.model),
+                        "macs": count_macs(student.model, config.image_size)},
+            "distillation": distill_report,
+            "quantization": {"settings": _quant_settings(config, profile).to_dict(),
+                             "report": quant_report},
+            "calibration": {"manifest_sha256": hash_json(calib_manifest),
+                            "manifest": calib_manifest},
+            "parity": parity, "latency": latency, "gate": gate,
+            "sizes_mb": {"teacher": round(teacher_path.stat().st_size / 1e6, 2),
+                         "fp32": size_mb(staging / "models" / "fp32"),
+                         "int8": size_mb(staging / "models" / "int8")},
+            "stages": stages.record,
+            "known_limitations": KNOWN_LIMITATIONS + list(quant_report.get("limitations", [])),
+            "bundle_path": str(config.artifacts / target.name),
+        }
+        manifest["student"]["mac_ratio_teacher_over_student"] = round(
+            manifest["teacher"]["macs"]["total"] / manifest["student"]["macs"]["total"], 2)
+        _write_report(staging / "report.md", manifest)
+        manifest["build_seconds"] = round(time.perf_counter() - started, 1)
+        manifest["files"] = file_hashes(staging)
+        write_json_atomic(staging / "manifest.json", manifest)
+        if gate["passed"]:
+            write_tarball(staging, target.name)
+        final = publish(staging, config.artifacts / target.name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _summary_table(manifest)
+    log.info("bundle %s: %s", manifest["status"], final)
+    if not gate["passed"]:
+        raise GateError("; ".join(gate["reasons"]) + f" (report: {final / 'report.md'})")
+    return manifest

@@ -27,6 +27,7 @@ import torch
 from pipeline.datasets import CocoInstances
 from pipeline.errors import ConfigError
 from pipeline.models import ArchSpec, build_model, count_macs, count_parameters, teacher_spec
+from pipeline.progress import step_progress
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,6 @@ def _save_atomic(obj: Any, path: Path) -> None:
 def train_detector(model: torch.nn.Module, data: CocoInstances, settings: TrainSettings,
                    workdir: Path, description: str = "training") -> dict[str, Any]:
     """Train ``model`` on ``data``; resume from ``workdir/last.pt`` when it matches settings."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
 
     device = pick_device()
     torch.manual_seed(settings.seed)
@@ -126,11 +125,7 @@ def train_detector(model: torch.nn.Module, data: CocoInstances, settings: TrainS
         else:
             log.warning("%s holds a run with other settings; starting afresh", ckpt_path)
     t0 = time.time()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-               "{task.total}"), TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(description, total=settings.steps, completed=start, losses="")
+    with step_progress(description, settings.steps, start) as advance:
         for step in range(start, settings.steps):
             for g in opt.param_groups:
                 g["lr"] = settings.lr * lr_factor(step, settings)
@@ -152,7 +147,7 @@ def train_detector(model: torch.nn.Module, data: CocoInstances, settings: TrainS
             recent = history[-20:]
             shown = " ".join(f"{k.replace('loss_', '')}={np.mean([h[k] for h in recent]):.3f}"
                              for k in recent[-1])
-            bar.update(task, advance=1, losses=shown)
+            advance(shown)
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
                 _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                               "step": step + 1, "history": history,

@@ -1,0 +1,743 @@
+"""The distill stage: train the edge student from the teacher.
+
+The student is ``build_model(student_spec)`` (a torchvision ``MaskRCNN``, MobileNetV3-Large FPN by
+default). It learns from four signals, each switchable and weighted in :class:`DistillSettings`:
+
+- *parameter distillation*: every student parameter or buffer whose name and shape match the
+  teacher's is copied from it before training (with the demo architectures: the FPN output convs,
+  the RPN head, the box head and the box predictor; the narrower mask head starts fresh), and
+  can be held fixed for the first ``freeze_heads_steps`` steps;
+- *detection losses* (torchvision's own RPN, box and mask losses) on teacher pseudo-labels
+  (teacher detections scoring at least ``pseudo_label_threshold``, masks pasted and thresholded at
+  0.5) and, when ``train`` is a COCO set, on its ground truth (``label_merge``: ``"union"`` adds
+  the pseudo-labels that overlap no ground-truth box at IoU >= 0.5; ``"gt_first"`` uses ground
+  truth alone wherever an image is annotated);
+- *FPN feature imitation*: MSE between student and teacher FPN levels ``0, 1, 2, pool``, averaged
+  over the cells whose centre lies inside a target box, plus ``feature_global_weight`` times the
+  MSE over the whole map (a learned 1x1 adapter maps the student's width to the teacher's when
+  they differ; it is not part of the student);
+- *RoI class-logit distillation*: both box heads run on the teacher's RPN proposals, each pooling
+  from its own features; the loss is ``T^2 * KL(teacher || student)`` of the class softmax at
+  temperature ``T``.
+
+Both models see the same batch, resized and normalised by the student's transform (so the teacher
+runs at the student's input size), horizontally flipped at random as in :mod:`pipeline.train`.
+The teacher is only read: eval mode and ``no_grad``; its mode and device are restored afterwards.
+
+Reads: the teacher module, the training images (a ``CocoInstances`` set, or image files for
+pseudo-label-only distillation). Writes: ``<workdir>/last.pt`` every ``checkpoint_every`` steps
+and at the end (atomically; student, adapter, optimizer and RNG state, loss history). Called again
+with the same workdir, teacher, images and settings, ``distill`` resumes from that file to the
+same weights as an uninterrupted run (on CPU), and a finished run is returned without training.
+
+Known limits:
+- ground-truth labels are taken to follow the teacher's class order (the set's sorted category
+  ids, as :mod:`pipeline.checkpoint` and :mod:`pipeline.train` number them); only the number of
+  classes is checked;
+- pseudo-labels come from one teacher pass on the flipped-or-not image, without test-time
+  augmentation; a teacher's misses are the student's misses in pseudo-label-only mode;
+- training resizes with torchvision's transform (longer side to the student's size, padding to a
+  multiple of 32), while deployment letterboxes to a square; the two agree for square images;
+- on CUDA (mixed precision) a resumed run is close to, not bit-identical with, an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import box_iou
+
+from maskedge_runner.preprocess import ImageReadError, load_image
+from pipeline.datasets import CocoInstances, list_images
+from pipeline.errors import ConfigError, DatasetError
+from pipeline.models import ArchSpec, build_model, count_macs, count_parameters
+from pipeline.train import (
+    TrainSettings,
+    _save_atomic,
+    batch_indices,
+    load_batch,
+    lr_factor,
+    pick_device,
+)
+
+log = logging.getLogger(__name__)
+
+FPN_LEVELS = ("0", "1", "2", "pool")
+LABEL_MERGES = ("union", "gt_first")
+DETECTION_TERMS = (
+    "loss_objectness",
+    "loss_rpn_box_reg",
+    "loss_classifier",
+    "loss_box_reg",
+    "loss_mask",
+)
+CHECKPOINT_FORMAT = "maskedge-distill-state"
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How the student is distilled. The defaults are ``invoke build``'s budget on the demo."""
+
+    steps: int = 600
+    batch_size: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    checkpoint_every: int = 50
+    seed: int = 0
+    detection_weight: float = 1.0
+    feature_weight: float = 1.0
+    feature_global_weight: float = 0.1
+    logit_weight: float = 1.0
+    temperature: float = 2.0
+    pseudo_label_threshold: float = 0.5
+    use_gt: bool = True
+    label_merge: str = "union"
+    init_from_teacher: bool = True
+    freeze_heads_steps: int = 0
+    grad_clip: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ConfigError(
+                f"steps={self.steps}, batch_size={self.batch_size} and "
+                f"checkpoint_every={self.checkpoint_every} must each be >= 1"
+            )
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError(
+                f"lr={self.lr} must be > 0, weight_decay={self.weight_decay} and "
+                f"warmup_steps={self.warmup_steps} >= 0"
+            )
+        weights = {
+            "detection_weight": self.detection_weight,
+            "feature_weight": self.feature_weight,
+            "feature_global_weight": self.feature_global_weight,
+            "logit_weight": self.logit_weight,
+        }
+        negative = {k: v for k, v in weights.items() if not v >= 0}
+        if negative:
+            raise ConfigError(f"loss weights must be >= 0; got {negative}")
+        if self.detection_weight + self.feature_weight + self.logit_weight <= 0:
+            raise ConfigError(
+                "detection_weight, feature_weight and logit_weight are all 0; "
+                "switch on at least one training signal"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 (2-4 is usual)")
+        if not 0.0 < self.pseudo_label_threshold <= 1.0:
+            raise ConfigError(
+                f"pseudo_label_threshold={self.pseudo_label_threshold} must be in (0, 1]"
+            )
+        if self.label_merge not in LABEL_MERGES:
+            raise ConfigError(f"label_merge={self.label_merge!r}; choose one of {LABEL_MERGES}")
+        if self.freeze_heads_steps < 0 or self.grad_clip <= 0:
+            raise ConfigError(
+                f"freeze_heads_steps={self.freeze_heads_steps} must be >= 0 and "
+                f"grad_clip={self.grad_clip} > 0"
+            )
+
+    def schedule(self) -> TrainSettings:
+        """The learning-rate schedule of :func:`pipeline.train.lr_factor` for these settings."""
+        return TrainSettings(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+        )
+
+
+class ImageFiles:
+    """Unlabelled image files behind the reading interface of :class:`CocoInstances`.
+
+    ``target`` returns no objects, so only teacher pseudo-labels train the detector.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.image_ids = list(range(len(self.paths)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, image_id: int) -> np.ndarray:
+        try:
+            return load_image(self.paths[image_id])
+        except ImageReadError as err:
+            raise DatasetError(str(err)) from err
+
+    def target(self, image_id: int) -> dict[str, np.ndarray]:
+        with Image.open(self.paths[image_id]) as im:
+            w, h = im.size
+        return {
+            "boxes": np.zeros((0, 4), np.float32),
+            "labels": np.zeros((0,), np.int64),
+            "masks": np.zeros((0, h, w), np.uint8),
+        }
+
+
+@dataclass
+class _Run:
+    """Everything one distillation step touches."""
+
+    teacher: MaskRCNN
+    student: MaskRCNN
+    adapter: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    data: CocoInstances | ImageFiles
+    settings: DistillSettings
+    device: torch.device
+    copied: list[str]
+    frozen: list[nn.Parameter] = field(default_factory=list)
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+def copy_matching_parameters(teacher: nn.Module, student: nn.Module) -> list[str]:
+    """Copy every student parameter/buffer whose name and shape match the teacher's.
+
+    Returns the names copied, in the student's state_dict order.
+    """
+    source = teacher.state_dict()
+    target = student.state_dict()
+    copied = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
+    with torch.no_grad():
+        for k in copied:
+            target[k].copy_(source[k].to(target[k].dtype))
+    return copied
+
+
+def pseudo_labels(
+    detections: list[dict[str, torch.Tensor]], image_sizes: list[tuple[int, int]], threshold: float
+) -> list[dict[str, torch.Tensor]]:
+    """Teacher detections (eval-mode ``roi_heads`` output) -> training targets.
+
+    Keeps detections scoring at least ``threshold`` whose box is at least 1 px wide and high and
+    whose mask, pasted into the image and thresholded at 0.5, is not empty.
+    """
+    out = []
+    for det, (h, w) in zip(detections, image_sizes, strict=True):
+        boxes = det["boxes"].float()
+        keep = (
+            (det["scores"] >= threshold)
+            & (boxes[:, 2] - boxes[:, 0] >= 1)
+            & (boxes[:, 3] - boxes[:, 1] >= 1)
+        )
+        boxes, labels = boxes[keep], det["labels"][keep]
+        masks = paste_masks_in_image(det["masks"][keep].float(), boxes, (h, w))[:, 0] > 0.5
+        nonempty = masks.flatten(1).any(dim=1)
+        out.append(
+            {
+                "boxes": boxes[nonempty],
+                "labels": labels[nonempty].to(torch.int64),
+                "masks": masks[nonempty].to(torch.uint8),
+            }
+        )
+    return out
+
+
+def merge_targets(
+    gt: list[dict[str, torch.Tensor]], pseudo: list[dict[str, torch.Tensor]], mode: str
+) -> list[dict[str, torch.Tensor]]:
+    """Ground truth and pseudo-labels -> one target per image.
+
+    ``union``: ground truth plus the pseudo-labels that overlap no ground-truth box at IoU >= 0.5.
+    ``gt_first``: ground truth where an image has any, pseudo-labels otherwise.
+    """
+    out = []
+    for g, p in zip(gt, pseudo, strict=True):
+        if len(g["boxes"]) == 0:
+            out.append(p)
+            continue
+        if mode == "gt_first" or len(p["boxes"]) == 0:
+            out.append(g)
+            continue
+        new = box_iou(p["boxes"], g["boxes"].float()).max(dim=1).values < 0.5
+        out.append(
+            {
+                "boxes": torch.cat([g["boxes"].float(), p["boxes"][new]]),
+                "labels": torch.cat([g["labels"], p["labels"][new]]),
+                "masks": torch.cat([g["masks"].to(torch.uint8), p["masks"][new]]),
+            }
+        )
+    return out
+
+
+def object_mask(
+    boxes: list[torch.Tensor], feature_hw: tuple[int, int], input_hw: tuple[int, int]
+) -> torch.Tensor:
+    """(B, h, w) float mask of the feature cells whose centre lies inside any of the boxes."""
+    h, w = feature_hw
+    sy, sx = input_hw[0] / h, input_hw[1] / w
+    device = boxes[0].device if boxes else torch.device("cpu")
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * sy
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * sx
+    masks = []
+    for b in boxes:
+        if len(b) == 0:
+            masks.append(torch.zeros(h, w, device=device))
+            continue
+        b = b.float()
+        inside_y = (ys[None, :] >= b[:, 1:2]) & (ys[None, :] <= b[:, 3:4])  # (N, h)
+        inside_x = (xs[None, :] >= b[:, 0:1]) & (xs[None, :] <= b[:, 2:3])  # (N, w)
+        masks.append((inside_y[:, :, None] & inside_x[:, None, :]).any(dim=0).float())
+    return torch.stack(masks)
+
+
+def feature_imitation_loss(
+    student_features: dict[str, torch.Tensor],
+    teacher_features: dict[str, torch.Tensor],
+    boxes: list[torch.Tensor],
+    input_hw: tuple[int, int],
+    global_weight: float,
+    adapter: nn.Module | None = None,
+) -> torch.Tensor:
+    """Object-weighted MSE between FPN levels, averaged over levels.
+
+    Per level: the channel-mean squared error averaged over the cells inside target boxes (zero
+    when a batch has none), plus ``global_weight`` times the mean over all cells.
+    """
+    terms = []
+    for level in FPN_LEVELS:
+        s = student_features[level].float()
+        if adapter is not None:
+            s = adapter(s)
+        t = teacher_features[level].float()
+        err = (s - t).pow(2).mean(dim=1)  # (B, h, w)
+        weight = object_mask(boxes, (err.shape[1], err.shape[2]), input_hw)
+        local = (err * weight).sum() / weight.sum().clamp(min=1.0)
+        terms.append(local + global_weight * err.mean())
+    return torch.stack(terms).mean()
+
+
+def roi_logit_kl(
+    teacher: MaskRCNN,
+    student: MaskRCNN,
+    teacher_features: dict[str, torch.Tensor],
+    student_features: dict[str, torch.Tensor],
+    proposals: list[torch.Tensor],
+    image_sizes: list[tuple[int, int]],
+    temperature: float,
+) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` of the class softmax on shared proposals, per RoI."""
+    with torch.no_grad():
+        t_rois = teacher.roi_heads.box_roi_pool(teacher_features, proposals, image_sizes)
+        t_logits, _ = teacher.roi_heads.box_predictor(teacher.roi_heads.box_head(t_rois))
+    s_rois = student.roi_heads.box_roi_pool(student_features, proposals, image_sizes)
+    s_logits, _ = student.roi_heads.box_predictor(student.roi_heads.box_head(s_rois))
+    if s_logits.shape[0] == 0:
+        return s_logits.sum() * 0.0
+    t = temperature
+    return (
+        F.kl_div(
+            F.log_softmax(s_logits.float() / t, dim=1),
+            F.softmax(t_logits.float() / t, dim=1),
+            reduction="batchmean",
+        )
+        * t
+        * t
+    )
+
+
+def _prepare_batch(run: _Run, step: int) -> tuple[ImageList, list[dict[str, torch.Tensor]]]:
+    s = run.settings
+    idx = batch_indices(step, len(run.data), s.batch_size, s.seed)
+    images, targets = load_batch(cast(CocoInstances, run.data), idx, step, s.seed, run.device)
+    if not s.use_gt:
+        targets = [{k: v[:0] for k, v in t.items()} for t in targets]
+    batch, resized = run.student.transform(images, targets)
+    assert resized is not None
+    return batch, resized
+
+
+def _distill_step(run: _Run, step: int) -> dict[str, float]:
+    """One optimisation step; returns the loss terms and the pseudo-label count."""
+    s, device = run.settings, run.device
+    for group in run.optimizer.param_groups:
+        group["lr"] = s.lr * lr_factor(step, s.schedule())
+    batch, gt = _prepare_batch(run, step)
+    amp = device.type == "cuda"
+    input_hw = (int(batch.tensors.shape[-2]), int(batch.tensors.shape[-1]))
+    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+        t_feats = run.teacher.backbone(batch.tensors)
+        t_props, _ = run.teacher.rpn(batch, t_feats)
+        t_dets, _ = run.teacher.roi_heads(t_feats, t_props, batch.image_sizes)
+    pseudo = pseudo_labels(t_dets, batch.image_sizes, s.pseudo_label_threshold)
+    targets = merge_targets(gt, pseudo, s.label_merge)
+    with torch.autocast(device.type, enabled=amp):
+        s_feats = run.student.backbone(batch.tensors)
+        terms: dict[str, torch.Tensor] = {}
+        if s.detection_weight > 0:
+            props, rpn_losses = run.student.rpn(batch, s_feats, targets)
+            _, roi_losses = run.student.roi_heads(s_feats, props, batch.image_sizes, targets)
+            terms.update({k: v.float() for k, v in {**rpn_losses, **roi_losses}.items()})
+        if s.feature_weight > 0:
+            terms["feature"] = feature_imitation_loss(
+                s_feats,
+                t_feats,
+                [t["boxes"] for t in targets],
+                input_hw,
+                s.feature_global_weight,
+                run.adapter,
+            )
+        if s.logit_weight > 0:
+            terms["logit_kl"] = roi_logit_kl(
+                run.teacher,
+                run.student,
+                t_feats,
+                s_feats,
+                t_props,
+                batch.image_sizes,
+                s.temperature,
+            )
+        loss = (
+            s.detection_weight * sum(terms[k] for k in DETECTION_TERMS if k in terms)
+            + s.feature_weight * terms.get("feature", 0.0)
+            + s.logit_weight * terms.get("logit_kl", 0.0)
+        )
+    values = {k: float(v.detach()) for k, v in terms.items()}
+    if not torch.isfinite(loss) or not all(math.isfinite(v) for v in values.values()):
+        raise ConfigError(
+            f"distillation diverged at step {step}: losses {values}; lower lr "
+            f"(now {s.lr}) or the loss weights"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if step < s.freeze_heads_steps:
+        for p in run.frozen:
+            p.grad = None
+    run.scaler.unscale_(run.optimizer)
+    torch.nn.utils.clip_grad_norm_(run.params, s.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    values["loss"] = float(loss.detach())
+    values["pseudo_labels"] = float(sum(len(p["boxes"]) for p in pseudo))
+    return values
+
+
+def measure_feature_mse(teacher: MaskRCNN, student: MaskRCNN, images: list[np.ndarray]) -> float:
+    """Plain MSE between the two models' FPN levels on ``images``, averaged over levels.
+
+    Both models run in eval mode on the student's transform of the images; the models' modes are
+    restored afterwards.
+    """
+    device = next(student.parameters()).device
+    modes = teacher.training, student.training
+    teacher.eval()
+    student.eval()
+    try:
+        with torch.no_grad():
+            tensors = [
+                torch.from_numpy(np.ascontiguousarray(im))
+                .permute(2, 0, 1)
+                .float()
+                .div(255)
+                .to(device)
+                for im in images
+            ]
+            batch, _ = student.transform(tensors)
+            t_feats = teacher.backbone(batch.tensors.to(next(teacher.parameters()).device))
+            s_feats = student.backbone(batch.tensors)
+            errs = [
+                F.mse_loss(s_feats[k].float(), t_feats[k].float().to(device)).item()
+                for k in FPN_LEVELS
+            ]
+    finally:
+        teacher.train(modes[0])
+        student.train(modes[1])
+    return float(np.mean(errs))
+
+
+def _fingerprint(
+    teacher: MaskRCNN, spec: ArchSpec, data: CocoInstances | ImageFiles, settings: DistillSettings
+) -> dict[str, Any]:
+    """What a resumable run must agree on: settings, student architecture, teacher, images."""
+    digest = hashlib.sha256()
+    for name, tensor in teacher.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if isinstance(data, CocoInstances):
+        names = [str(data.annotation_file)] + [
+            data.coco.imgs[i]["file_name"] for i in data.image_ids
+        ]
+    else:
+        names = [str(p) for p in data.paths]
+    return {
+        "settings": asdict(settings),
+        "student_spec": spec.to_dict(),
+        "teacher_sha256": digest.hexdigest(),
+        "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+    }
+
+
+def _resolve_data(
+    train: CocoInstances | list[Path] | Path, teacher_classes: int
+) -> CocoInstances | ImageFiles:
+    if isinstance(train, CocoInstances):
+        if len(train) == 0:
+            raise DatasetError(f"{train.annotation_file}: no images to distill on")
+        if len(train.category_ids) + 1 != teacher_classes:
+            raise DatasetError(
+                f"{train.annotation_file} has {len(train.category_ids)} categories but the "
+                f"teacher predicts {teacher_classes - 1} classes; give the teacher's own data set "
+                "or distill on its images as a plain list (pseudo-labels only)"
+            )
+        return train
+    paths = list_images(train) if isinstance(train, (str, Path)) else [Path(p) for p in train]
+    if not paths:
+        raise DatasetError("no training images given to distill: the list of image paths is empty")
+    readable = []
+    for p in paths:
+        try:
+            load_image(p)
+            readable.append(p)
+        except ImageReadError as err:
+            log.warning("skipping %s", err)
+    if not readable:
+        raise DatasetError(
+            f"none of the {len(paths)} training images could be read (first: {paths[0]})"
+        )
+    if len(readable) < len(paths):
+        log.warning(
+            "distilling on %d of %d images; the others could not be read", len(readable), len(paths)
+        )
+    return ImageFiles(readable)
+
+
+def _progress_columns() -> tuple[Any, ...]:
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[losses]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+
+
+def _summary(history: list[dict[str, float]], last: int = 20) -> dict[str, float]:
+    recent = history[-last:]
+    if not recent:
+        return {}
+    return {k: round(float(np.mean([h[k] for h in recent if k in h])), 4) for k in recent[-1]}
+
+
+def _short(summary: dict[str, float]) -> str:
+    return " ".join(
+        f"{k.replace('loss_', '')}={v:.3f}" for k, v in summary.items() if k != "pseudo_labels"
+    )
+
+
+def distill(
+    teacher: MaskRCNN,
+    student_spec: ArchSpec,
+    *,
+    train: CocoInstances | list[Path],
+    settings: DistillSettings,
+    workdir: Path,
+) -> tuple[MaskRCNN, dict[str, Any]]:
+    """Distill a ``build_model(student_spec)`` student from ``teacher`` on ``train``.
+
+    ``train`` is a COCO set (ground truth and pseudo-labels) or a list of image files
+    (pseudo-labels only). Returns the student (CPU, eval mode) and a report: steps, seconds, final
+    loss terms, settings, parameters and MACs of student and teacher at the deployment size,
+    their MAC ratio, the copied parameter count and the device.
+    """
+    from rich.progress import Progress
+
+    teacher_classes = int(teacher.roi_heads.box_predictor.cls_score.out_features)
+    if student_spec.num_classes != teacher_classes:
+        raise ConfigError(
+            f"student_spec.num_classes={student_spec.num_classes} but the teacher "
+            f"predicts {teacher_classes} (background included); they must agree"
+        )
+    data = _resolve_data(train, teacher_classes)
+    workdir = Path(workdir)
+    ckpt_path = workdir / "last.pt"
+    device = pick_device()
+    t0 = time.time()
+    log.info(
+        "distilling a %s student (%d px) from the teacher on %d images, %d steps -> %s",
+        student_spec.backbone,
+        student_spec.image_size,
+        len(data),
+        settings.steps,
+        workdir,
+    )
+
+    teacher_state = teacher.training, next(teacher.parameters()).device
+    torch.manual_seed(settings.seed)
+    student = build_model(student_spec)
+    if list(student.transform.image_mean) != list(teacher.transform.image_mean) or list(
+        student.transform.image_std
+    ) != list(teacher.transform.image_std):
+        raise ConfigError(
+            "teacher and student normalise images differently "
+            f"({teacher.transform.image_mean}/{teacher.transform.image_std} vs "
+            f"{student.transform.image_mean}/{student.transform.image_std})"
+        )
+    copied = copy_matching_parameters(teacher, student) if settings.init_from_teacher else []
+    s_width, t_width = student.backbone.out_channels, teacher.backbone.out_channels
+    adapter = nn.Conv2d(s_width, t_width, 1) if s_width != t_width else None
+    student.to(device).train()
+    teacher.to(device).eval()
+    if adapter is not None:
+        adapter.to(device)
+    named = dict(student.named_parameters())
+    params = list(student.parameters()) + (list(adapter.parameters()) if adapter else [])
+    run = _Run(
+        teacher=teacher,
+        student=student,
+        adapter=adapter,
+        optimizer=torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay),
+        scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
+        data=data,
+        settings=settings,
+        device=device,
+        copied=copied,
+        frozen=[named[k] for k in copied if k in named],
+        params=params,
+    )
+    probe_ids = [data.image_ids[i] for i in range(min(8, len(data)))]
+    probe = [data.load_image(i) for i in probe_ids]
+
+    fingerprint = _fingerprint(teacher, student_spec, data, settings)
+    start, history, seconds_before = 0, [], 0.0
+    mse_before = measure_feature_mse(teacher, student, probe)
+    if ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        except Exception as err:  # a foreign or damaged file: start afresh, say so
+            log.warning("%s cannot be read (%s); starting afresh", ckpt_path, err)
+            state = {}
+        if state.get("format") == CHECKPOINT_FORMAT and state.get("fingerprint") == fingerprint:
+            student.load_state_dict(state["student"])
+            if adapter is not None:
+                adapter.load_state_dict(state["adapter"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            start, history = state["step"], state["history"]
+            seconds_before, mse_before = state["seconds"], state["feature_mse_before"]
+            log.info(
+                "resuming distillation from step %d of %d (%s)", start, settings.steps, ckpt_path
+            )
+        elif state:
+            log.warning(
+                "%s holds a run with another teacher, data or settings; starting afresh", ckpt_path
+            )
+
+    run_t0 = time.time()
+    log_every = max(1, settings.steps // 20)
+    quiet = not sys.stdout.isatty()
+    try:
+        with Progress(*_progress_columns(), transient=False) as bar:
+            task = bar.add_task("distill", total=settings.steps, completed=start, losses="")
+            for step in range(start, settings.steps):
+                history.append({k: round(v, 5) for k, v in _distill_step(run, step).items()})
+                bar.update(task, advance=1, losses=_short(_summary(history)))
+                done = step + 1
+                if quiet and (done % log_every == 0 or done == settings.steps):
+                    elapsed = time.time() - run_t0
+                    eta = elapsed / (done - start) * (settings.steps - done)
+                    log.info(
+                        "distill step %d/%d (%.0f%%) %s, %.1f s/step, ETA %.0f s",
+                        done,
+                        settings.steps,
+                        100 * done / settings.steps,
+                        _short(_summary(history)),
+                        elapsed / (done - start),
+                        eta,
+                    )
+                if done % settings.checkpoint_every == 0 or done == settings.steps:
+                    _save_atomic(
+                        {
+                            "format": CHECKPOINT_FORMAT,
+                            "fingerprint": fingerprint,
+                            "step": done,
+                            "student": student.state_dict(),
+                            "adapter": adapter.state_dict() if adapter is not None else None,
+                            "optimizer": run.optimizer.state_dict(),
+                            "scaler": run.scaler.state_dict(),
+                            "history": history,
+                            "torch_rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state_all()
+                            if device.type == "cuda"
+                            else None,
+                            "seconds": seconds_before + time.time() - run_t0,
+                            "feature_mse_before": mse_before,
+                        },
+                        ckpt_path,
+                    )
+        seconds_this_run = time.time() - run_t0
+        mse_after = measure_feature_mse(teacher, student, probe)
+
+        student.cpu().eval()
+        teacher.cpu()
+        size = student_spec.image_size
+        s_macs, t_macs = count_macs(student, size), count_macs(teacher, size)
+    finally:
+        teacher.to(teacher_state[1]).train(teacher_state[0])
+    trained_steps = settings.steps - start
+    report = {
+        "steps": settings.steps,
+        "resumed_from_step": start,
+        "seconds": round(seconds_before + seconds_this_run, 1),
+        "seconds_this_run": round(seconds_this_run, 1),
+        "seconds_per_step": round(seconds_this_run / trained_steps, 3) if trained_steps else None,
+        "final_losses": _summary(history),
+        "settings": asdict(settings),
+        "student_spec": student_spec.to_dict(),
+        "images": len(data),
+        "labels": (
+            "ground truth + teacher pseudo-labels"
+            if isinstance(data, CocoInstances) and settings.use_gt
+            else "teacher pseudo-labels"
+        ),
+        "copied_from_teacher": {
+            "tensors": len(copied),
+            "parameters": sum(student.state_dict()[k].numel() for k in copied if k in named),
+            "modules": sorted({k.rsplit(".", 2)[0] for k in copied}),
+        },
+        "feature_adapter": adapter is not None,
+        "feature_mse": {"before": round(mse_before, 5), "after": round(mse_after, 5)},
+        "student_parameters": count_parameters(student),
+        "teacher_parameters": count_parameters(teacher),
+        "student_macs": s_macs,
+        "teacher_macs": t_macs,
+        "mac_ratio": round(t_macs["total"] / s_macs["total"], 2),
+        "device": device.type,
+        "workdir": str(workdir),
+    }
+    log.info(
+        "distilled student -> %s: %d steps in %.0f s, teacher/student MACs %.1fx, feature "
+        "MSE %.4f -> %.4f",
+        ckpt_path,
+        settings.steps,
+        time.time() - t0,
+        report["mac_ratio"],
+        mse_before,
+        mse_after,
+    )
+    return student, report
