@@ -106,11 +106,11 @@ def build(c, target="arm64", profile=None, checkpoint=None, train_coco=None, tra
 
 
 @task(help={
-    "steps": "training steps (default 2600)",
+    "steps": "training steps (default 1600)",
     "out": "where to write the teacher checkpoint (default demo/teacher.pt)",
     "debug": "show full tracebacks",
 })
-def train_demo(c, steps=2600, out=None, debug=False):
+def train_demo(c, steps=1600, out=None, debug=False):
     """Generate the synthetic demo set and train the demo teacher on it (seeded, resumable)."""
     from pipeline.train import DEMO_TEACHER, TrainSettings, train_demo_teacher
 
@@ -127,8 +127,9 @@ def targets(c):
     from targets import list_targets
 
     table = Table(title="maskedge targets")
-    for col in ("target", "runtime", "profile", "default", "latency p90 budget", "notes"):
-        table.add_column(col)
+    for col in ("target", "runtime", "profile", "default", "latency p90 budget"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("notes")
     for t in list_targets():
         for p in t.profiles():
             table.add_row(t.name, t.runtime, p.name, "yes" if p.name == t.default_profile else "",

@@ -21,15 +21,19 @@ numpy so that a device needs no torch:
   image, clipped at its edges.
 
 Arithmetic is float32 in the same order as torchvision wherever that decides a result (box
-decoding, sample positions, IoU); the IoU is compared with the threshold in float64, as the C++
-NMS kernel does. Known differences, all below float32 rounding of a sum: RoIAlign is computed as
-two small matrix products per level (separable bilinear weights), so its sums are reordered
-(~1e-6 relative), and ``exp``/``log2``/``sqrt`` come from numpy rather than torch's vectorised
-math library (an ulp at most). Ties in top-k selection may be broken differently from
-``torch.topk``; they only occur on flat (e.g. constant) images.
+decoding, sample positions, IoU); the NMS kernel's comparison of a float IoU with a double
+threshold is reproduced exactly. Known differences, all at the level of float32 rounding:
+RoIAlign is computed as two matrix products (separable bilinear weights), so its sums are
+reordered (~1e-6 relative); ``exp``/``log2``/``sqrt`` come from numpy rather than torch's
+vectorised math library (an ulp at most); ties in top-k selection may be broken differently from
+``torch.topk`` (they only occur on flat, e.g. constant, images), and detections whose scores are
+within an ulp may come out in the other order.
 
-Speed: everything is vectorised; the only Python loops run over FPN levels, over *kept* boxes in
-NMS (stopped as soon as the top-n are kept) and over detections when pasting masks.
+Speed: everything is vectorised; the only Python loops run over FPN levels, over chunks of
+``ROI_CHUNK`` RoIs, over *kept* boxes in NMS (stopped as soon as the top-n are kept) and over
+detections when pasting masks. RoIAlign touches only each RoI's window of the feature map. The
+matrix products are small: run numpy's BLAS single-threaded (``OPENBLAS_NUM_THREADS=1``, as the
+command line does), or its idle threads busy-wait and slow down the runtime's own threads.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 # torchvision's constants that are not attributes of the model
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -46,6 +51,8 @@ LEVEL_MAPPER_EPS = 1e-6
 # torchvision.ops.batched_nms on CPU: per-class NMS above this many box coordinates, the
 # coordinate-offset trick at or below it
 BATCHED_NMS_VANILLA_ABOVE = 4000
+# RoIs pooled together in one pair of matrix products (see roi_align)
+ROI_CHUNK = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,21 +150,34 @@ def nms(
     x1, y1, x2, y2 = (np.ascontiguousarray(boxes[order, k]) for k in range(4))
     areas = (x2 - x1) * (y2 - y1)
     limit = n if max_keep is None else max(0, int(max_keep))
+    threshold = _float32_below(iou_threshold)
     keep: list[int] = []
     remaining = np.arange(n)
     zero = np.float32(0)
-    while remaining.size and len(keep) < limit:
-        i = remaining[0]
-        keep.append(int(i))
-        rest = remaining[1:]
-        w = np.maximum(zero, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        h = np.maximum(zero, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
-        inter = w * h
-        with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        while remaining.size and len(keep) < limit:
+            i = remaining[0]
+            keep.append(int(i))
+            rest = remaining[1:]
+            w = np.maximum(zero, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+            h = np.maximum(zero, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+            inter = w * h
             iou = inter / (areas[i] + areas[rest] - inter)
-        # not (iou > t): a NaN IoU (two empty boxes) suppresses nothing, as in the C++ kernel
-        remaining = rest[~(iou.astype(np.float64) > iou_threshold)]
+            # not (iou > t): a NaN IoU (two empty boxes) suppresses nothing, as in the C++ kernel
+            remaining = rest[~(iou > threshold)]
     return order[np.asarray(keep, dtype=np.int64)]
+
+
+def _float32_below(value: float) -> np.float32:
+    """The float32 ``t`` with ``x > t`` exactly when ``x > value`` for every float32 ``x``.
+
+    The C++ NMS kernel compares its float IoU with the double threshold; this keeps that
+    comparison in float32 without converting each IoU.
+    """
+    t = np.float32(value)
+    if float(t) > value:
+        t = np.nextafter(t, np.float32(-np.inf))
+    return t
 
 
 def batched_nms(
@@ -288,18 +308,19 @@ def map_levels(
 
 def _axis_weights(
     start: np.ndarray, length: np.ndarray, pooled: int, grid: np.ndarray, size: int
-) -> np.ndarray:
-    """Bilinear weights (N, pooled, size) along one axis, averaged over the grid samples.
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Bilinear weights along one axis, averaged over each bin's samples, in a window.
 
-    Sample positions and corner weights follow torchvision's ``roi_align`` CPU kernel with
-    aligned=False: position ``start + p*bin + (i+0.5)*bin/grid``, a sample below -1 or above
-    ``size`` contributes zero, positions are clamped at 0 and at the last pixel.
+    Returns weights (N, pooled, L), each RoI's window origin (N,) and the window length L shared
+    by all N RoIs: sample ``i`` of bin ``p`` reads pixels ``origin + k`` with weight
+    ``weights[:, p, k]``. Sample positions and corner weights follow torchvision's ``roi_align``
+    CPU kernel with aligned=False: position ``start + p*bin + (i+0.5)*bin/grid``, a sample below
+    -1 or above ``size`` contributes zero, positions are clamped at 0 and at the last pixel.
     """
     n = start.shape[0]
-    g_max = int(grid.max()) if n else 1
     bin_size = length / np.float32(pooled)
     p = np.arange(pooled, dtype=np.float32)
-    i = np.arange(g_max, dtype=np.float32)
+    i = np.arange(int(grid.max()), dtype=np.float32)
     grid_f = grid.astype(np.float32)
     pos = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) + (
         (i[None, None, :] + np.float32(0.5)) * bin_size[:, None, None] / grid_f[:, None, None]
@@ -312,64 +333,116 @@ def _axis_weights(
     high = np.where(at_end, size - 1, low + 1)
     pos = np.where(at_end, low.astype(np.float32), pos)
     frac_high = pos - low.astype(np.float32)
-    frac_low = np.float32(1) - frac_high
+    frac_low = np.where(valid, np.float32(1) - frac_high, np.float32(0))
     frac_high = np.where(valid, frac_high, np.float32(0))
-    frac_low = np.where(valid, frac_low, np.float32(0))
 
-    weights = np.zeros((n, pooled, size), dtype=np.float32)
-    rows = np.broadcast_to(np.arange(n)[:, None, None], low.shape)
-    cols = np.broadcast_to(np.arange(pooled)[None, :, None], low.shape)
-    np.add.at(weights, (rows, cols, low), frac_low)
-    np.add.at(weights, (rows, cols, high), frac_high)
-    return weights / grid_f[:, None, None]
+    origin = low.reshape(n, -1).min(axis=1)
+    extent = int((high.reshape(n, -1).max(axis=1) - origin).max()) + 1
+    origin = np.minimum(origin, size - extent)  # keep the window inside the map
+    k = np.arange(extent)
+    local_low = (low - origin[:, None, None])[..., None] == k
+    local_high = (high - origin[:, None, None])[..., None] == k
+    weights = (frac_low[..., None] * local_low + frac_high[..., None] * local_high).sum(axis=2)
+    return (weights / grid_f[:, None, None]).astype(np.float32), origin, extent
+
+
+def _roi_align_hcw(
+    feats_hcw: np.ndarray,
+    boxes: np.ndarray,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> np.ndarray:
+    """RoIAlign of boxes (N,4) on one map laid out (H, C, W) -> (N, PH, C, PW)."""
+    h, c, w = feats_hcw.shape
+    ph, pw = output_size
+    n = boxes.shape[0]
+    scale = np.float32(spatial_scale)
+    start_x, start_y = boxes[:, 0] * scale, boxes[:, 1] * scale
+    roi_w = np.maximum(boxes[:, 2] * scale - start_x, np.float32(1))
+    roi_h = np.maximum(boxes[:, 3] * scale - start_y, np.float32(1))
+    if sampling_ratio > 0:
+        grid_y = grid_x = np.full(n, sampling_ratio, dtype=np.int64)
+    else:
+        grid_y = np.maximum(np.ceil(roi_h / np.float32(ph)), 1).astype(np.int64)
+        grid_x = np.maximum(np.ceil(roi_w / np.float32(pw)), 1).astype(np.int64)
+    wy, origin_y, len_y = _axis_weights(start_y, roi_h, ph, grid_y, h)  # (N, PH, Ly)
+    wx, origin_x, len_x = _axis_weights(start_x, roi_w, pw, grid_x, w)  # (N, PW, Lx)
+
+    # each RoI's window (Ly, C, Lx), then contract y and x with two batched matrix products
+    windows = sliding_window_view(feats_hcw, len_x, axis=2)[
+        origin_y[:, None] + np.arange(len_y), :, origin_x[:, None]
+    ]  # (N, Ly, C, Lx)
+    rows = np.matmul(wy, windows.reshape(n, len_y, c * len_x))  # (N, PH, C*Lx)
+    out = np.matmul(rows.reshape(n, ph * c, len_x), wx.transpose(0, 2, 1))  # (N, PH*C, PW)
+    return out.reshape(n, ph, c, pw)
+
+
+def _roi_align_into(
+    out: np.ndarray,
+    rows: np.ndarray,
+    features: np.ndarray,
+    boxes: np.ndarray,
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> None:
+    """RoIAlign ``boxes`` on ``features`` into ``out[rows]`` laid out (N, PH, C, PW), in chunks
+    of RoIs of similar size (``ROI_CHUNK``) so that one large RoI does not widen every window."""
+    feats_hcw = _to_hcw(features)
+    ph, pw = out.shape[1], out.shape[3]
+    extent = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    order = np.argsort(extent, kind="stable")
+    for first in range(0, order.shape[0], ROI_CHUNK):
+        idx = order[first : first + ROI_CHUNK]
+        out[rows[idx]] = _roi_align_hcw(
+            feats_hcw, boxes[idx], (ph, pw), spatial_scale, sampling_ratio
+        )
+
+
+def _to_hcw(features: np.ndarray) -> np.ndarray:
+    feats = np.asarray(features, dtype=np.float32)
+    if feats.ndim == 4:
+        if feats.shape[0] != 1:
+            raise ValueError(f"features of shape {feats.shape}: expected one image (1,C,H,W)")
+        feats = feats[0]
+    return np.ascontiguousarray(feats.transpose(1, 0, 2))
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    return int(size[0]), int(size[1])
 
 
 def roi_align(
     features: np.ndarray,
     boxes: np.ndarray,
-    output_size: int | tuple[int, int],
+    output_size: int | Sequence[int],
     spatial_scale: float,
     sampling_ratio: int,
 ) -> np.ndarray:
-    """``torchvision.ops.roi_align`` (aligned=False) of boxes (N,4) on one map (C,H,W) or
-    (1,C,H,W) -> (N, C, PH, PW) float32.
+    """``torchvision.ops.roi_align`` (aligned=False) of boxes (N,4) on one image's map (C,H,W)
+    or (1,C,H,W) -> (N, C, PH, PW) float32.
 
-    Bilinear sampling is separable, so each RoI's output is ``Wy @ F @ Wx.T`` with per-RoI
-    weight matrices along y (PH, H) and x (PW, W) that already hold the grid average; the
-    products run as two BLAS calls for all RoIs of a map.
+    Bilinear sampling is separable: each RoI's output is ``Wy @ F @ Wx.T`` with weight matrices
+    along y (PH, Ly) and x (PW, Lx) that already hold the average over the bin's samples, on the
+    (Ly, Lx) window of the map the RoI touches, for a chunk of RoIs at once.
     """
     feats = np.asarray(features, dtype=np.float32)
-    if feats.ndim == 4:
-        feats = feats[0]
-    c, h, w = feats.shape
-    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
-    n = boxes.shape[0]
-    if n == 0:
-        return np.zeros((0, c, ph, pw), dtype=np.float32)
-
-    scale = np.float32(spatial_scale)
-    boxes = np.asarray(boxes, dtype=np.float32)
-    start_x, start_y = boxes[:, 0] * scale, boxes[:, 1] * scale
-    roi_w = np.maximum(boxes[:, 2] * scale - start_x, np.float32(1))
-    roi_h = np.maximum(boxes[:, 3] * scale - start_y, np.float32(1))
-    if sampling_ratio > 0:
-        grid_y = np.full(n, sampling_ratio, dtype=np.int64)
-        grid_x = grid_y
-    else:
-        grid_y = np.ceil(roi_h / np.float32(ph)).astype(np.int64)
-        grid_x = np.ceil(roi_w / np.float32(pw)).astype(np.int64)
-    wy = _axis_weights(start_y, roi_h, ph, grid_y, h)  # (N, PH, H)
-    wx = _axis_weights(start_x, roi_w, pw, grid_x, w)  # (N, PW, W)
-    # contract H for all RoIs at once, then W per RoI
-    rows = wy.reshape(n * ph, h) @ feats.transpose(1, 0, 2).reshape(h, c * w)  # (N*PH, C*W)
-    out = np.matmul(rows.reshape(n, ph * c, w), wx.transpose(0, 2, 1))  # (N, PH*C, PW)
-    return np.ascontiguousarray(out.reshape(n, ph, c, pw).transpose(0, 2, 1, 3))
+    c = feats.shape[-3]
+    ph, pw = _pair(output_size)
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    out = np.empty((boxes.shape[0], ph, c, pw), dtype=np.float32)
+    if boxes.shape[0]:
+        rows = np.arange(boxes.shape[0])
+        _roi_align_into(out, rows, feats, boxes, spatial_scale, sampling_ratio)
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
 
 
 def multiscale_roi_align(
     features: Sequence[np.ndarray],
     boxes: np.ndarray,
-    output_size: int | tuple[int, int],
+    output_size: int | Sequence[int],
     sampling_ratio: int,
     scales: Sequence[float],
     canonical_scale: float = 224,
@@ -382,19 +455,19 @@ def multiscale_roi_align(
     """
     feats = [np.asarray(f, dtype=np.float32) for f in features]
     c = feats[0].shape[-3]
-    ph, pw = (output_size, output_size) if isinstance(output_size, int) else output_size
-    boxes = np.asarray(boxes, dtype=np.float32)
+    ph, pw = _pair(output_size)
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     if len(feats) == 1:
         return roi_align(feats[0], boxes, (ph, pw), scales[0], sampling_ratio)
     k_min = int(-math.log2(scales[0]))
     k_max = int(-math.log2(scales[-1]))
     levels = map_levels(boxes, k_min, k_max, canonical_scale, canonical_level)
-    out = np.zeros((boxes.shape[0], c, ph, pw), dtype=np.float32)
+    out = np.empty((boxes.shape[0], ph, c, pw), dtype=np.float32)
     for level, (feat, scale) in enumerate(zip(feats, scales, strict=True)):
-        idx = np.flatnonzero(levels == level)
-        if idx.size:
-            out[idx] = roi_align(feat, boxes[idx], (ph, pw), scale, sampling_ratio)
-    return out
+        rows = np.flatnonzero(levels == level)
+        if rows.size:
+            _roi_align_into(out, rows, feat, boxes[rows], scale, sampling_ratio)
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -347,11 +347,17 @@ def _judge(parity: dict[str, Any], latency: dict[str, Any], profile) -> dict[str
     check("mask_sharpness_ratio", ratio, 0.8, ratio >= 0.8,
           "INT8/FP32 mean |p-0.5| of mask probabilities (a collapsed mask head -> 0)")
     p90 = latency["int8"]["end_to_end_ms"]["p90"]
-    gated = latency.get("gated", False)
+    gated = bool(latency.get("gated", False))
     checks.append({"check": "latency_p90_ms", "value": p90,
                    "limit": budgets.latency_p90_ms,
                    "passed": (p90 <= budgets.latency_p90_ms) if gated else None,
                    "what": "INT8 end-to-end p90; " + latency.get("gating_note", "")})
+    rss = latency["int8"].get("peak_rss_mb")
+    if rss is not None:
+        checks.append({"check": "peak_memory_mb", "value": rss, "limit": budgets.memory_mb,
+                       "passed": (rss <= budgets.memory_mb) if gated else None,
+                       "what": "peak resident memory of the INT8 runner process; gated with "
+                               "latency"})
     failed = [c for c in checks if c["passed"] is False]
     return {"passed": not failed, "checks": checks,
             "reasons": [f"{c['check']} = {c['value']} (limit {c['limit']}): {c['what']}"
@@ -367,6 +373,18 @@ KNOWN_LIMITATIONS = [
     "ONNX Runtime leaves the mask head's ConvTranspose in float (it has no INT8 kernel for it).",
     "Anchors, NMS, RoIAlign and mask pasting run in numpy on the host CPU.",
 ]
+
+
+def _write_sample(staging: Path, val) -> Path:
+    """One validation image in ``samples/``: the bench's default input, on the host and device."""
+    from PIL import Image
+
+    folder = staging / "samples"
+    folder.mkdir(exist_ok=True)
+    image_id = val.image_ids[0]
+    path = folder / "sample.png"
+    Image.fromarray(val.load_image(image_id)).save(path)
+    return path
 
 
 def _host() -> dict[str, Any]:
@@ -489,8 +507,9 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
         parity = _stage_parity(stages, config, profile, staging, loaded, teacher_hash, student,
                                student_hash, data, target.backend)
         t0 = stages.begin("latency")
+        sample = _write_sample(staging, data.val)
         latency = profile_latency(staging, profile, runs=config.latency_runs,
-                                  warmup=config.latency_warmup)
+                                  warmup=config.latency_warmup, image=sample)
         stages.end("latency", t0, False, None,
                    f"INT8 p90 {latency['int8']['end_to_end_ms']['p90']:.1f} ms, "
                    f"INT8/FP32 {latency['int8_over_fp32']['end_to_end_p50']:.2f}x")

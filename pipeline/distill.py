@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +65,7 @@ from maskedge_runner.preprocess import ImageReadError, load_image
 from pipeline.datasets import CocoInstances, list_images
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.models import ArchSpec, build_model, count_macs, count_parameters
+from pipeline.progress import step_progress
 from pipeline.train import (
     TrainSettings,
     _save_atomic,
@@ -208,16 +208,29 @@ class _Run:
     copied: list[str]
     frozen: list[nn.Parameter] = field(default_factory=list)
     params: list[nn.Parameter] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    feature_mse_before: float | None = None
 
 
 def copy_matching_parameters(teacher: nn.Module, student: nn.Module) -> list[str]:
-    """Copy every student parameter/buffer whose name and shape match the teacher's.
+    """Copy the student's modules whose every parameter and buffer matches the teacher's.
 
-    Returns the names copied, in the student's state_dict order.
+    A module (a state_dict key prefix up to its last dot) is copied whole when each of its tensors
+    has a namesake of the same shape in the teacher, and left alone otherwise, so no layer ends up
+    with the teacher's bias on a fresh weight. Returns the names copied, in state_dict order.
     """
     source = teacher.state_dict()
     target = student.state_dict()
-    copied = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
+    modules: dict[str, list[str]] = {}
+    for key in target:
+        modules.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    whole = {
+        prefix
+        for prefix, keys in modules.items()
+        if all(k in source and source[k].shape == target[k].shape for k in keys)
+    }
+    copied = [k for k in target if k.rsplit(".", 1)[0] in whole]
     with torch.no_grad():
         for k in copied:
             target[k].copy_(source[k].to(target[k].dtype))
@@ -309,10 +322,12 @@ def feature_imitation_loss(
     global_weight: float,
     adapter: nn.Module | None = None,
 ) -> torch.Tensor:
-    """Object-weighted MSE between FPN levels, averaged over levels.
+    """Object-weighted, scale-free MSE between FPN levels, averaged over levels.
 
     Per level: the channel-mean squared error averaged over the cells inside target boxes (zero
-    when a batch has none), plus ``global_weight`` times the mean over all cells.
+    when a batch has none), plus ``global_weight`` times the mean over all cells, both divided by
+    the teacher's mean squared activation on that level, so that a student predicting zeros
+    scores about ``1 + global_weight`` whatever the teacher's feature scale.
     """
     terms = []
     for level in FPN_LEVELS:
@@ -320,7 +335,7 @@ def feature_imitation_loss(
         if adapter is not None:
             s = adapter(s)
         t = teacher_features[level].float()
-        err = (s - t).pow(2).mean(dim=1)  # (B, h, w)
+        err = (s - t).pow(2).mean(dim=1) / t.pow(2).mean().clamp(min=1e-6)  # (B, h, w)
         weight = object_mask(boxes, (err.shape[1], err.shape[2]), input_hw)
         local = (err * weight).sum() / weight.sum().clamp(min=1.0)
         terms.append(local + global_weight * err.mean())
@@ -521,20 +536,8 @@ def _resolve_data(
     return ImageFiles(readable)
 
 
-def _progress_columns() -> tuple[Any, ...]:
-    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[losses]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-
-
 def _summary(history: list[dict[str, float]], last: int = 20) -> dict[str, float]:
+    """Mean of each term over the last ``last`` steps."""
     recent = history[-last:]
     if not recent:
         return {}
@@ -544,6 +547,94 @@ def _summary(history: list[dict[str, float]], last: int = 20) -> dict[str, float
 def _short(summary: dict[str, float]) -> str:
     return " ".join(
         f"{k.replace('loss_', '')}={v:.3f}" for k, v in summary.items() if k != "pseudo_labels"
+    )
+
+
+def _save_state(run: _Run, path: Path, step: int, fingerprint: dict[str, Any]) -> None:
+    _save_atomic(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": fingerprint,
+            "step": step,
+            "student": run.student.state_dict(),
+            "adapter": run.adapter.state_dict() if run.adapter is not None else None,
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "history": run.history,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None,
+            "seconds": run.seconds,
+            "feature_mse_before": run.feature_mse_before,
+        },
+        path,
+    )
+
+
+def _resume(run: _Run, path: Path, fingerprint: dict[str, Any]) -> int:
+    """Load ``path`` into ``run`` when it holds this very run; return the step to go on from."""
+    if not path.exists():
+        return 0
+    try:
+        state = torch.load(path, map_location=run.device, weights_only=False)
+    except Exception as err:  # torch raises many kinds; a damaged file only costs a fresh start
+        log.warning("%s cannot be read (%s: %s); starting afresh", path, type(err).__name__, err)
+        return 0
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        log.warning("%s is not a distillation state; starting afresh", path)
+        return 0
+    if state["fingerprint"] != fingerprint:
+        changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+        log.warning("%s holds a run with another %s; starting afresh", path, " and ".join(changed))
+        return 0
+    run.student.load_state_dict(state["student"])
+    if run.adapter is not None:
+        run.adapter.load_state_dict(state["adapter"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if run.device.type == "cuda" and state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.history, run.seconds = state["history"], state["seconds"]
+    run.feature_mse_before = state["feature_mse_before"]
+    log.info("resuming distillation at step %d of %d (%s)", state["step"], run.settings.steps, path)
+    return int(state["step"])
+
+
+def _make_run(
+    teacher: MaskRCNN,
+    student_spec: ArchSpec,
+    data: CocoInstances | ImageFiles,
+    settings: DistillSettings,
+    device: torch.device,
+) -> _Run:
+    """The seeded student, initialised from the teacher, with its optimizer; both on ``device``."""
+    torch.manual_seed(settings.seed)
+    student = build_model(student_spec)
+    for attr in ("image_mean", "image_std"):
+        if list(getattr(student.transform, attr)) != list(getattr(teacher.transform, attr)):
+            raise ConfigError(
+                f"teacher and student normalise images differently ({attr} "
+                f"{teacher.transform.image_mean} vs {student.transform.image_mean}); distill "
+                "from a teacher built by pipeline.models"
+            )
+    copied = copy_matching_parameters(teacher, student) if settings.init_from_teacher else []
+    s_width, t_width = student.backbone.out_channels, teacher.backbone.out_channels
+    adapter = nn.Conv2d(s_width, t_width, 1).to(device) if s_width != t_width else None
+    student.to(device).train()
+    named = dict(student.named_parameters())
+    params = list(student.parameters()) + (list(adapter.parameters()) if adapter else [])
+    return _Run(
+        teacher=teacher,
+        student=student,
+        adapter=adapter,
+        optimizer=torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay),
+        scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
+        data=data,
+        settings=settings,
+        device=device,
+        copied=copied,
+        frozen=[named[k] for k in copied if k in named],
+        params=params,
     )
 
 
@@ -558,186 +649,99 @@ def distill(
     """Distill a ``build_model(student_spec)`` student from ``teacher`` on ``train``.
 
     ``train`` is a COCO set (ground truth and pseudo-labels) or a list of image files
-    (pseudo-labels only). Returns the student (CPU, eval mode) and a report: steps, seconds, final
-    loss terms, settings, parameters and MACs of student and teacher at the deployment size,
-    their MAC ratio, the copied parameter count and the device.
+    (pseudo-labels only). Writes ``workdir/last.pt`` and resumes from it. Returns the student
+    (CPU, eval mode) and a report: steps, seconds, final loss terms, settings, parameters and MACs
+    of student and teacher at the deployment size and their ratio, what was copied from the
+    teacher, the feature MSE to the teacher before and after, and the device.
     """
-    from rich.progress import Progress
-
     teacher_classes = int(teacher.roi_heads.box_predictor.cls_score.out_features)
     if student_spec.num_classes != teacher_classes:
         raise ConfigError(
-            f"student_spec.num_classes={student_spec.num_classes} but the teacher "
-            f"predicts {teacher_classes} (background included); they must agree"
+            f"student_spec.num_classes={student_spec.num_classes} but the teacher predicts "
+            f"{teacher_classes} (background included); they must agree"
         )
     data = _resolve_data(train, teacher_classes)
-    workdir = Path(workdir)
-    ckpt_path = workdir / "last.pt"
+    ckpt_path = Path(workdir) / "last.pt"
     device = pick_device()
     t0 = time.time()
     log.info(
-        "distilling a %s student (%d px) from the teacher on %d images, %d steps -> %s",
+        "distilling a %s student (%d px) on %d images for %d steps -> %s",
         student_spec.backbone,
         student_spec.image_size,
         len(data),
         settings.steps,
-        workdir,
+        ckpt_path,
     )
 
-    teacher_state = teacher.training, next(teacher.parameters()).device
-    torch.manual_seed(settings.seed)
-    student = build_model(student_spec)
-    if list(student.transform.image_mean) != list(teacher.transform.image_mean) or list(
-        student.transform.image_std
-    ) != list(teacher.transform.image_std):
-        raise ConfigError(
-            "teacher and student normalise images differently "
-            f"({teacher.transform.image_mean}/{teacher.transform.image_std} vs "
-            f"{student.transform.image_mean}/{student.transform.image_std})"
-        )
-    copied = copy_matching_parameters(teacher, student) if settings.init_from_teacher else []
-    s_width, t_width = student.backbone.out_channels, teacher.backbone.out_channels
-    adapter = nn.Conv2d(s_width, t_width, 1) if s_width != t_width else None
-    student.to(device).train()
-    teacher.to(device).eval()
-    if adapter is not None:
-        adapter.to(device)
-    named = dict(student.named_parameters())
-    params = list(student.parameters()) + (list(adapter.parameters()) if adapter else [])
-    run = _Run(
-        teacher=teacher,
-        student=student,
-        adapter=adapter,
-        optimizer=torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay),
-        scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
-        data=data,
-        settings=settings,
-        device=device,
-        copied=copied,
-        frozen=[named[k] for k in copied if k in named],
-        params=params,
-    )
-    probe_ids = [data.image_ids[i] for i in range(min(8, len(data)))]
-    probe = [data.load_image(i) for i in probe_ids]
-
-    fingerprint = _fingerprint(teacher, student_spec, data, settings)
-    start, history, seconds_before = 0, [], 0.0
-    mse_before = measure_feature_mse(teacher, student, probe)
-    if ckpt_path.exists():
-        try:
-            state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        except Exception as err:  # a foreign or damaged file: start afresh, say so
-            log.warning("%s cannot be read (%s); starting afresh", ckpt_path, err)
-            state = {}
-        if state.get("format") == CHECKPOINT_FORMAT and state.get("fingerprint") == fingerprint:
-            student.load_state_dict(state["student"])
-            if adapter is not None:
-                adapter.load_state_dict(state["adapter"])
-            run.optimizer.load_state_dict(state["optimizer"])
-            run.scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            start, history = state["step"], state["history"]
-            seconds_before, mse_before = state["seconds"], state["feature_mse_before"]
-            log.info(
-                "resuming distillation from step %d of %d (%s)", start, settings.steps, ckpt_path
-            )
-        elif state:
-            log.warning(
-                "%s holds a run with another teacher, data or settings; starting afresh", ckpt_path
-            )
-
-    run_t0 = time.time()
-    log_every = max(1, settings.steps // 20)
-    quiet = not sys.stdout.isatty()
+    teacher_mode, teacher_device = teacher.training, next(teacher.parameters()).device
     try:
-        with Progress(*_progress_columns(), transient=False) as bar:
-            task = bar.add_task("distill", total=settings.steps, completed=start, losses="")
-            for step in range(start, settings.steps):
-                history.append({k: round(v, 5) for k, v in _distill_step(run, step).items()})
-                bar.update(task, advance=1, losses=_short(_summary(history)))
-                done = step + 1
-                if quiet and (done % log_every == 0 or done == settings.steps):
-                    elapsed = time.time() - run_t0
-                    eta = elapsed / (done - start) * (settings.steps - done)
-                    log.info(
-                        "distill step %d/%d (%.0f%%) %s, %.1f s/step, ETA %.0f s",
-                        done,
-                        settings.steps,
-                        100 * done / settings.steps,
-                        _short(_summary(history)),
-                        elapsed / (done - start),
-                        eta,
-                    )
-                if done % settings.checkpoint_every == 0 or done == settings.steps:
-                    _save_atomic(
-                        {
-                            "format": CHECKPOINT_FORMAT,
-                            "fingerprint": fingerprint,
-                            "step": done,
-                            "student": student.state_dict(),
-                            "adapter": adapter.state_dict() if adapter is not None else None,
-                            "optimizer": run.optimizer.state_dict(),
-                            "scaler": run.scaler.state_dict(),
-                            "history": history,
-                            "torch_rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state_all()
-                            if device.type == "cuda"
-                            else None,
-                            "seconds": seconds_before + time.time() - run_t0,
-                            "feature_mse_before": mse_before,
-                        },
-                        ckpt_path,
-                    )
-        seconds_this_run = time.time() - run_t0
-        mse_after = measure_feature_mse(teacher, student, probe)
+        teacher.to(device).eval()
+        run = _make_run(teacher, student_spec, data, settings, device)
+        fingerprint = _fingerprint(teacher, student_spec, data, settings)
+        start = _resume(run, ckpt_path, fingerprint)
+        probe = [data.load_image(i) for i in data.image_ids[:8]]
+        if run.feature_mse_before is None:
+            run.feature_mse_before = measure_feature_mse(teacher, run.student, probe)
 
-        student.cpu().eval()
+        run_t0, seconds_before = time.time(), run.seconds
+        with step_progress("distill", settings.steps, start) as advance:
+            for step in range(start, settings.steps):
+                terms = _distill_step(run, step)
+                run.history.append({k: round(v, 5) for k, v in terms.items()})
+                run.seconds = seconds_before + time.time() - run_t0
+                advance(_short(_summary(run.history)))
+                if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+                    _save_state(run, ckpt_path, step + 1, fingerprint)
+        seconds_this_run = time.time() - run_t0
+        feature_mse_after = measure_feature_mse(teacher, run.student, probe)
+
+        student = run.student.cpu().eval()
         teacher.cpu()
         size = student_spec.image_size
-        s_macs, t_macs = count_macs(student, size), count_macs(teacher, size)
+        student_macs, teacher_macs = count_macs(student, size), count_macs(teacher, size)
     finally:
-        teacher.to(teacher_state[1]).train(teacher_state[0])
-    trained_steps = settings.steps - start
+        teacher.to(teacher_device).train(teacher_mode)
+
+    trained = settings.steps - start
+    named = dict(student.named_parameters())
     report = {
         "steps": settings.steps,
         "resumed_from_step": start,
-        "seconds": round(seconds_before + seconds_this_run, 1),
+        "seconds": round(run.seconds, 1),
         "seconds_this_run": round(seconds_this_run, 1),
-        "seconds_per_step": round(seconds_this_run / trained_steps, 3) if trained_steps else None,
-        "final_losses": _summary(history),
+        "seconds_per_step": round(seconds_this_run / trained, 3) if trained else None,
+        "final_losses": _summary(run.history),
         "settings": asdict(settings),
         "student_spec": student_spec.to_dict(),
         "images": len(data),
-        "labels": (
-            "ground truth + teacher pseudo-labels"
-            if isinstance(data, CocoInstances) and settings.use_gt
-            else "teacher pseudo-labels"
-        ),
+        "labels": "ground truth + teacher pseudo-labels"
+        if isinstance(data, CocoInstances) and settings.use_gt
+        else "teacher pseudo-labels",
         "copied_from_teacher": {
-            "tensors": len(copied),
-            "parameters": sum(student.state_dict()[k].numel() for k in copied if k in named),
-            "modules": sorted({k.rsplit(".", 2)[0] for k in copied}),
+            "tensors": len(run.copied),
+            "parameters": sum(named[k].numel() for k in run.copied if k in named),
+            "modules": sorted({k.rsplit(".", 1)[0] for k in run.copied}),
         },
-        "feature_adapter": adapter is not None,
-        "feature_mse": {"before": round(mse_before, 5), "after": round(mse_after, 5)},
+        "feature_adapter": run.adapter is not None,
+        "feature_mse": {
+            "before": round(run.feature_mse_before, 5),
+            "after": round(feature_mse_after, 5),
+        },
         "student_parameters": count_parameters(student),
         "teacher_parameters": count_parameters(teacher),
-        "student_macs": s_macs,
-        "teacher_macs": t_macs,
-        "mac_ratio": round(t_macs["total"] / s_macs["total"], 2),
+        "student_macs": student_macs,
+        "teacher_macs": teacher_macs,
+        "mac_ratio": round(teacher_macs["total"] / student_macs["total"], 2),
         "device": device.type,
-        "workdir": str(workdir),
     }
     log.info(
-        "distilled student -> %s: %d steps in %.0f s, teacher/student MACs %.1fx, feature "
-        "MSE %.4f -> %.4f",
+        "distilled student -> %s: %d steps, %.0f s, %.1fx fewer MACs than the teacher, "
+        "feature MSE to the teacher %.3f -> %.3f",
         ckpt_path,
         settings.steps,
         time.time() - t0,
         report["mac_ratio"],
-        mse_before,
-        mse_after,
+        run.feature_mse_before,
+        feature_mse_after,
     )
     return student, report

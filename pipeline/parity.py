@@ -7,7 +7,13 @@ standard deviation of both, so a collapsed output (e.g. mask logits that all sit
 shows up as a spread that shrank even when the cosine looks acceptable. The result is plain data,
 ready for the bundle manifest.
 
-Reads: the two ONNX files of each graph (``<dir>/models/<precision>/<graph>.onnx``).
+Two ways in: :func:`compare_graphs` takes two runner engines (``maskedge_runner.engine.Engine``,
+any backend) and images - the inputs each graph gets are captured from the reference engine
+running the images, then fed to both engines' graphs, so the candidate is judged on exactly the
+reference's inputs; :func:`measure_parity` / :func:`measure_graph_parity` take ONNX files and
+already captured inputs (the quantizer uses these on its calibration inputs).
+
+Reads: the images, or the two ONNX files of each graph (``<dir>/models/<precision>/<graph>.onnx``).
 Writes: nothing.
 
 Known limits: metrics are over the inputs given (the calibration set's captured inputs, or a
@@ -77,9 +83,12 @@ def _is_empty(sample: Mapping[str, np.ndarray]) -> bool:
     return any(v.ndim > 0 and v.shape[0] == 0 for v in sample.values())
 
 
-def compare_runs(reference: GraphRunner, candidate: GraphRunner,
-                 inputs: Sequence[Mapping[str, np.ndarray]],
-                 max_samples: int | None = None) -> dict[str, Any]:
+def compare_runs(
+    reference: GraphRunner,
+    candidate: GraphRunner,
+    inputs: Sequence[Mapping[str, np.ndarray]],
+    max_samples: int | None = None,
+) -> dict[str, Any]:
     """Run both graphs on ``inputs`` and compare every output over all samples together.
 
     Returns ``{"samples", "skipped_empty", "outputs": {name: metrics + "min_sample_cosine"},
@@ -108,11 +117,14 @@ def compare_runs(reference: GraphRunner, candidate: GraphRunner,
             refs.setdefault(name, []).append(value)
             cands.setdefault(name, []).append(cand_out[name])
             sample_cosines.setdefault(name, []).append(
-                tensor_metrics(value, cand_out[name])["cosine"])
+                tensor_metrics(value, cand_out[name])["cosine"]
+            )
     outputs = {}
     for name in refs:
-        metrics = tensor_metrics(np.concatenate([r.ravel() for r in refs[name]]),
-                                 np.concatenate([c.ravel() for c in cands[name]]))
+        metrics = tensor_metrics(
+            np.concatenate([r.ravel() for r in refs[name]]),
+            np.concatenate([c.ravel() for c in cands[name]]),
+        )
         metrics["min_sample_cosine"] = float(min(sample_cosines[name]))
         outputs[name] = metrics
     return {
@@ -125,42 +137,78 @@ def compare_runs(reference: GraphRunner, candidate: GraphRunner,
 
 
 def ort_runner(path: Path, options: Mapping[str, Any] | None = None) -> GraphRunner:
-    """An ONNX Runtime CPU session on ``path`` as ``feeds -> {output name: array}``."""
-    import onnxruntime as ort
+    """The runner's ONNX Runtime backend on ``path`` (CPU, one thread unless ``options`` say)."""
+    from maskedge_runner.backends import RunnerError, make_backend
 
-    so = ort.SessionOptions()
-    opts = dict(options or {})
-    so.intra_op_num_threads = int(opts.get("intra_op_num_threads", 1))
-    so.inter_op_num_threads = int(opts.get("inter_op_num_threads", 1))
-    so.log_severity_level = 3
+    opts = {"intra_op_num_threads": 1, "providers": ["CPUExecutionProvider"], **(options or {})}
     try:
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise ConversionError(f"{path}: ONNX Runtime cannot load this graph ({err})") from err
-    names = [o.name for o in session.get_outputs()]
-
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, feeds), strict=True))
-
-    return run
+        return make_backend("onnxruntime", path, opts)
+    except RunnerError as err:
+        raise ConversionError(str(err)) from err
 
 
-def measure_graph_parity(reference_model: Path, candidate_model: Path,
-                         inputs: Sequence[Mapping[str, np.ndarray]], *,
-                         max_samples: int | None = None,
-                         load: Callable[[Path], GraphRunner] = ort_runner) -> dict[str, Any]:
+def measure_graph_parity(
+    reference_model: Path,
+    candidate_model: Path,
+    inputs: Sequence[Mapping[str, np.ndarray]],
+    *,
+    max_samples: int | None = None,
+    load: Callable[[Path], GraphRunner] = ort_runner,
+) -> dict[str, Any]:
     """Per-output metrics of ``candidate_model`` against ``reference_model`` on ``inputs``."""
-    result = compare_runs(load(Path(reference_model)), load(Path(candidate_model)), inputs,
-                          max_samples=max_samples)
+    result = compare_runs(
+        load(Path(reference_model)), load(Path(candidate_model)), inputs, max_samples=max_samples
+    )
     result["reference"] = str(reference_model)
     result["candidate"] = str(candidate_model)
     return result
 
 
-def measure_parity(folder: Path, graph_inputs: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
-                   *, reference: str = "fp32", candidate: str = "int8",
-                   max_samples: int | None = 32,
-                   load: Callable[[Path], GraphRunner] = ort_runner) -> dict[str, Any]:
+def compare_graphs(
+    reference: Any, candidate: Any, images: Sequence[np.ndarray], *, max_samples: int | None = 32
+) -> dict[str, Any]:
+    """Per-graph, per-output metrics of ``candidate``'s graphs against ``reference``'s.
+
+    Both are :class:`maskedge_runner.engine.Engine` objects (e.g. the FP32 and INT8 graphs of a
+    bundle). The inputs of every graph call are captured while ``reference`` runs ``images``;
+    each graph of both engines then runs on those same inputs. Returns ``{"images", "graphs":
+    {graph: compare_runs(...)}, "min_cosine", "min_snr_db"}``.
+    """
+    from calibration.sets import collect_graph_inputs
+
+    inputs = collect_graph_inputs(reference, images, min_mask_rois=0)
+    graphs = {}
+    for graph, samples in inputs.items():
+        if not samples:
+            log.warning("parity: %s got no inputs from %d images; not compared", graph, len(images))
+            continue
+        graphs[graph] = compare_runs(
+            reference.graphs[graph], candidate.graphs[graph], samples, max_samples=max_samples
+        )
+        log.info(
+            "parity %s: min cosine %.4f, min SNR %.1f dB over %d samples",
+            graph,
+            graphs[graph]["min_cosine"],
+            graphs[graph]["min_snr_db"],
+            graphs[graph]["samples"],
+        )
+    return {
+        "images": len(images),
+        "graphs": graphs,
+        "min_cosine": min(g["min_cosine"] for g in graphs.values()) if graphs else None,
+        "min_snr_db": min(g["min_snr_db"] for g in graphs.values()) if graphs else None,
+    }
+
+
+def measure_parity(
+    folder: Path,
+    graph_inputs: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
+    *,
+    reference: str = "fp32",
+    candidate: str = "int8",
+    max_samples: int | None = 32,
+    load: Callable[[Path], GraphRunner] = ort_runner,
+) -> dict[str, Any]:
     """Parity of every graph in ``folder/models/<candidate>`` against ``models/<reference>``.
 
     ``graph_inputs`` maps graph name -> input dicts (e.g. from
@@ -175,11 +223,18 @@ def measure_parity(folder: Path, graph_inputs: Mapping[str, Sequence[Mapping[str
         for path in (ref_path, cand_path):
             if not path.is_file():
                 raise ConversionError(f"{path}: graph not found; export/quantize it first")
-        graphs[graph] = measure_graph_parity(ref_path, cand_path, inputs,
-                                             max_samples=max_samples, load=load)
-        log.info("parity %s %s vs %s: min cosine %.4f, min SNR %.1f dB over %d samples", graph,
-                 candidate, reference, graphs[graph]["min_cosine"], graphs[graph]["min_snr_db"],
-                 graphs[graph]["samples"])
+        graphs[graph] = measure_graph_parity(
+            ref_path, cand_path, inputs, max_samples=max_samples, load=load
+        )
+        log.info(
+            "parity %s %s vs %s: min cosine %.4f, min SNR %.1f dB over %d samples",
+            graph,
+            candidate,
+            reference,
+            graphs[graph]["min_cosine"],
+            graphs[graph]["min_snr_db"],
+            graphs[graph]["samples"],
+        )
     return {
         "reference": reference,
         "candidate": candidate,

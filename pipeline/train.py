@@ -37,7 +37,7 @@ DEMO_TEACHER = REPO / "demo" / "teacher.pt"
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 2600
+    steps: int = 1600
     batch_size: int = 4
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -116,7 +116,13 @@ def train_detector(model: torch.nn.Module, data: CocoInstances, settings: TrainS
     start, history = 0, []
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if state["settings"] == asdict(settings):
+        saved = dict(state["settings"])
+        same_but_length = {**saved, "steps": settings.steps} == asdict(settings)
+        if same_but_length and state["step"] <= settings.steps:
+            if saved["steps"] != settings.steps:
+                log.warning("%s: continuing a run of %d steps as one of %d steps (the learning-"
+                            "rate schedule is stretched from here)", ckpt_path, saved["steps"],
+                            settings.steps)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start, history = state["step"], state["history"]

@@ -39,21 +39,43 @@ class OrtSessionOptions:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     def __post_init__(self) -> None:
-        check_runtime_field(self.intra_op_num_threads >= 1, "intra_op_num_threads",
-                            self.intra_op_num_threads, "must be >= 1 (threads for one operator)")
-        check_runtime_field(self.inter_op_num_threads >= 1, "inter_op_num_threads",
-                            self.inter_op_num_threads, "must be >= 1")
-        check_runtime_field(self.graph_optimization_level in OPTIMIZATION_LEVELS,
-                            "graph_optimization_level", self.graph_optimization_level,
-                            f"must be one of {', '.join(OPTIMIZATION_LEVELS)}")
-        check_runtime_field(self.execution_mode in EXECUTION_MODES, "execution_mode",
-                            self.execution_mode, f"must be one of {', '.join(EXECUTION_MODES)}")
-        check_runtime_field(len(self.providers) >= 1, "providers", list(self.providers),
-                            "must name at least one execution provider")
+        check_runtime_field(
+            self.intra_op_num_threads >= 1,
+            "intra_op_num_threads",
+            self.intra_op_num_threads,
+            "must be >= 1 (threads for one operator)",
+        )
+        check_runtime_field(
+            self.inter_op_num_threads >= 1,
+            "inter_op_num_threads",
+            self.inter_op_num_threads,
+            "must be >= 1",
+        )
+        check_runtime_field(
+            self.graph_optimization_level in OPTIMIZATION_LEVELS,
+            "graph_optimization_level",
+            self.graph_optimization_level,
+            f"must be one of {', '.join(OPTIMIZATION_LEVELS)}",
+        )
+        check_runtime_field(
+            self.execution_mode in EXECUTION_MODES,
+            "execution_mode",
+            self.execution_mode,
+            f"must be one of {', '.join(EXECUTION_MODES)}",
+        )
+        check_runtime_field(
+            len(self.providers) >= 1,
+            "providers",
+            list(self.providers),
+            "must name at least one execution provider",
+        )
         for provider in self.providers:
-            check_runtime_field(provider in KNOWN_PROVIDERS, "providers", provider,
-                                f"is not an ONNX Runtime provider maskedge knows "
-                                f"({', '.join(KNOWN_PROVIDERS)})")
+            check_runtime_field(
+                provider in KNOWN_PROVIDERS,
+                "providers",
+                provider,
+                f"is not an ONNX Runtime provider maskedge knows ({', '.join(KNOWN_PROVIDERS)})",
+            )
 
     def to_backend_options(self) -> dict[str, Any]:
         """The dict ``make_backend("onnxruntime", path, options)`` takes."""

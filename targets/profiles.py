@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -48,10 +48,18 @@ class CpuSpec:
 
     def __post_init__(self) -> None:
         _check(self.cores >= 1, "cpu.cores", self.cores, "must be >= 1")
-        _check(1 <= self.threads <= 4 * self.cores, "cpu.threads", self.threads,
-               f"must be between 1 and 4 x cores ({4 * self.cores})")
-        _check(0 < self.frequency_ghz < 10, "cpu.frequency_ghz", self.frequency_ghz,
-               "must be a clock in GHz, between 0 and 10")
+        _check(
+            1 <= self.threads <= 4 * self.cores,
+            "cpu.threads",
+            self.threads,
+            f"must be between 1 and 4 x cores ({4 * self.cores})",
+        )
+        _check(
+            0 < self.frequency_ghz < 10,
+            "cpu.frequency_ghz",
+            self.frequency_ghz,
+            "must be a clock in GHz, between 0 and 10",
+        )
 
 
 @dataclass(frozen=True)
@@ -59,22 +67,36 @@ class Budgets:
     """What a build for this device must meet.
 
     AP drops are in AP points (0-100 scale): ``max_mask_ap_drop=1.0`` allows INT8 mask AP to be at
-    most one point below the FP32 student's.
+    most one point below the FP32 student's. ``max_lost_image_fraction`` bounds the share of
+    validation images on which FP32 finds objects and INT8 finds none (B09).
     """
 
     latency_p90_ms: float
     memory_mb: float
     max_mask_ap_drop: float = 1.0
     max_box_ap_drop: float = 1.0
+    max_lost_image_fraction: float = 0.02
 
     def __post_init__(self) -> None:
-        _check(self.latency_p90_ms > 0, "budgets.latency_p90_ms", self.latency_p90_ms,
-               "must be > 0")
+        _check(
+            self.latency_p90_ms > 0, "budgets.latency_p90_ms", self.latency_p90_ms, "must be > 0"
+        )
         _check(self.memory_mb > 0, "budgets.memory_mb", self.memory_mb, "must be > 0")
         for key in ("max_mask_ap_drop", "max_box_ap_drop"):
             value = getattr(self, key)
-            _check(0 <= value <= 100, f"budgets.{key}", value,
-                   "must be an AP drop in points, between 0 and 100")
+            _check(
+                -100 <= value <= 100,
+                f"budgets.{key}",
+                value,
+                "must be an AP drop in points, between -100 and 100 (negative: INT8 must beat "
+                "FP32 by that much)",
+            )
+        _check(
+            0 <= self.max_lost_image_fraction <= 1,
+            "budgets.max_lost_image_fraction",
+            self.max_lost_image_fraction,
+            "must be a fraction between 0 and 1",
+        )
 
 
 @dataclass(frozen=True)
@@ -83,8 +105,9 @@ class QuantizationSettings:
 
     ``keep_float_nodes``/``keep_float_op_types`` are always left in float. When a graph's INT8
     outputs drift below ``min_output_cosine`` against FP32 on the calibration inputs, the quantizer
-    keeps the most sensitive layers in float too, trying at most ``max_float_nodes`` of them and
-    spending at most ``search_seconds``; it never lowers the threshold.
+    keeps the most sensitive layers in float too (each with the nodes around the activation it
+    reads), trying at most ``max_float_layers`` of them and spending at most ``search_seconds``;
+    it never lowers the threshold.
     """
 
     calibrate_method: str = "minmax"
@@ -97,26 +120,55 @@ class QuantizationSettings:
     keep_float_nodes: tuple[str, ...] = ()
     keep_float_op_types: tuple[str, ...] = ()
     min_output_cosine: float = 0.99
-    max_float_nodes: int = 8
+    max_float_layers: int = 8
     search_seconds: float = 300.0
 
     def __post_init__(self) -> None:
-        _check(self.calibrate_method in CALIBRATION_METHODS, "quantization.calibrate_method",
-               self.calibrate_method, f"must be one of {', '.join(CALIBRATION_METHODS)}")
+        _check(
+            self.calibrate_method in CALIBRATION_METHODS,
+            "quantization.calibrate_method",
+            self.calibrate_method,
+            f"must be one of {', '.join(CALIBRATION_METHODS)}",
+        )
         for key in ("activation_type", "weight_type"):
-            _check(getattr(self, key) in QUANT_TYPES, f"quantization.{key}", getattr(self, key),
-                   f"must be one of {', '.join(QUANT_TYPES)}")
-        _check(90.0 <= self.percentile < 100.0, "quantization.percentile", self.percentile,
-               "must be in [90, 100)")
-        _check(0.0 < self.min_output_cosine <= 1.0, "quantization.min_output_cosine",
-               self.min_output_cosine, "must be in (0, 1]")
-        _check(self.max_float_nodes >= 0, "quantization.max_float_nodes", self.max_float_nodes,
-               "must be >= 0")
-        _check(self.search_seconds >= 0, "quantization.search_seconds", self.search_seconds,
-               "must be >= 0")
+            _check(
+                getattr(self, key) in QUANT_TYPES,
+                f"quantization.{key}",
+                getattr(self, key),
+                f"must be one of {', '.join(QUANT_TYPES)}",
+            )
+        _check(
+            90.0 <= self.percentile < 100.0,
+            "quantization.percentile",
+            self.percentile,
+            "must be in [90, 100)",
+        )
+        _check(
+            0.0 < self.min_output_cosine <= 1.0,
+            "quantization.min_output_cosine",
+            self.min_output_cosine,
+            "must be in (0, 1]",
+        )
+        _check(
+            self.max_float_layers >= 0,
+            "quantization.max_float_layers",
+            self.max_float_layers,
+            "must be >= 0",
+        )
+        _check(
+            self.search_seconds >= 0,
+            "quantization.search_seconds",
+            self.search_seconds,
+            "must be >= 0",
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON data (lists, not tuples), for reports and cache keys."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def with_(self, **changes: Any) -> QuantizationSettings:
+        """A copy with ``changes`` applied (and validated)."""
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -139,6 +191,15 @@ class HardwareProfile:
     def threads(self) -> int:
         return self.cpu.threads
 
+    @property
+    def latency_budget_ms(self) -> float:
+        """The end-to-end p90 latency budget, ms."""
+        return self.budgets.latency_p90_ms
+
+    def with_parity_budget(self, max_mask_ap_drop: float) -> HardwareProfile:
+        """A copy whose INT8-vs-FP32 mask AP budget is ``max_mask_ap_drop`` points."""
+        return replace(self, budgets=replace(self.budgets, max_mask_ap_drop=max_mask_ap_drop))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the bundle manifest."""
         return {
@@ -148,7 +209,7 @@ class HardwareProfile:
             "cpu": asdict(self.cpu),
             "isa": dict(self.isa),
             "accelerator": self.accelerator,
-            "runtime": asdict(self.runtime),
+            "runtime": self.runtime.to_backend_options(),
             "budgets": asdict(self.budgets),
             "quantization": self.quantization.to_dict(),
             "notes": list(self.notes),
@@ -172,7 +233,10 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
 T = TypeVar("T")
 
 _SCALARS: dict[str, tuple[type, ...]] = {
-    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
 }
 
 
@@ -182,7 +246,7 @@ def _coerce(value: Any, annotation: str, key: str) -> Any:
     if annotation.endswith("|None"):
         return None if value is None else _coerce(value, annotation[: -len("|None")], key)
     if annotation.startswith("tuple[") and annotation.endswith(",...]"):
-        inner = annotation[len("tuple["): -len(",...]")]
+        inner = annotation[len("tuple[") : -len(",...]")]
         if not isinstance(value, list):
             raise _FieldError(key, value, "must be a list")
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
@@ -202,8 +266,11 @@ def build_section(cls: type[T], data: Any, prefix: str) -> T:
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise _FieldError(f"{prefix}.{unknown[0]}", data[unknown[0]],
-                          f"is not a known key; known keys: {', '.join(known)}")
+        raise _FieldError(
+            f"{prefix}.{unknown[0]}",
+            data[unknown[0]],
+            f"is not a known key; known keys: {', '.join(known)}",
+        )
     kwargs = {}
     for name, f in known.items():
         key = f"{prefix}.{name}"
@@ -215,12 +282,22 @@ def build_section(cls: type[T], data: Any, prefix: str) -> T:
     return cls(**kwargs)
 
 
-TOP_LEVEL = ("name", "description", "cpu", "isa", "accelerator", "runtime", "budgets",
-             "quantization", "notes")
+TOP_LEVEL = (
+    "name",
+    "description",
+    "cpu",
+    "isa",
+    "accelerator",
+    "runtime",
+    "budgets",
+    "quantization",
+    "notes",
+)
 
 
-def load_profile(path: Path, *, target: str, runtime_options: type,
-                 isa_features: tuple[str, ...]) -> HardwareProfile:
+def load_profile(
+    path: Path, *, target: str, runtime_options: type, isa_features: tuple[str, ...]
+) -> HardwareProfile:
     """Read and validate one profile file for ``target``.
 
     ``runtime_options`` is the target's runtime-options dataclass (built from the ``runtime``
@@ -240,8 +317,11 @@ def load_profile(path: Path, *, target: str, runtime_options: type,
             raise _FieldError("<top level>", type(data).__name__, "must be a JSON object")
         unknown = sorted(set(data) - set(TOP_LEVEL))
         if unknown:
-            raise _FieldError(unknown[0], data[unknown[0]],
-                              f"is not a known key; known keys: {', '.join(TOP_LEVEL)}")
+            raise _FieldError(
+                unknown[0],
+                data[unknown[0]],
+                f"is not a known key; known keys: {', '.join(TOP_LEVEL)}",
+            )
         for key in ("name", "description", "cpu", "isa", "runtime", "budgets"):
             if key not in data:
                 raise _FieldError(key, None, "is missing")
@@ -251,8 +331,11 @@ def load_profile(path: Path, *, target: str, runtime_options: type,
         if not isinstance(isa, dict):
             raise _FieldError("isa", isa, "must be a JSON object of feature: true/false")
         for feature in sorted(set(isa) - set(isa_features)):
-            raise _FieldError(f"isa.{feature}", isa[feature],
-                              f"is not an ISA feature {target} knows ({', '.join(isa_features)})")
+            raise _FieldError(
+                f"isa.{feature}",
+                isa[feature],
+                f"is not an ISA feature {target} knows ({', '.join(isa_features)})",
+            )
         for feature in isa_features:
             if feature not in isa:
                 raise _FieldError(f"isa.{feature}", None, "is missing (give true or false)")
@@ -265,8 +348,9 @@ def load_profile(path: Path, *, target: str, runtime_options: type,
             isa={f: bool(isa[f]) for f in isa_features},
             runtime=build_section(runtime_options, data["runtime"], "runtime"),
             budgets=build_section(Budgets, data["budgets"], "budgets"),
-            quantization=build_section(QuantizationSettings, data.get("quantization", {}),
-                                       "quantization"),
+            quantization=build_section(
+                QuantizationSettings, data.get("quantization", {}), "quantization"
+            ),
             accelerator=_coerce(data.get("accelerator"), "str|None", "accelerator"),
             notes=_coerce(data.get("notes", []), "tuple[str,...]", "notes"),
             path=path,

@@ -1,0 +1,169 @@
+"""Runtime backends: one static graph file -> a function from named inputs to named outputs.
+
+A backend is a factory ``(model_path, options) -> GraphFn`` registered in :data:`BACKENDS` under
+the runtime's name; the engine only ever calls the function, so another runtime (OpenVINO,
+LiteRT) is one more entry here and nothing else changes. Each backend imports its runtime when
+it is first used, so the runner imports only the runtime it runs.
+
+``onnxruntime`` options (all optional):
+
+- ``intra_op_num_threads`` / ``inter_op_num_threads``: int >= 0 (0 lets ONNX Runtime choose);
+- ``graph_optimization_level``: ``disable``, ``basic``, ``extended`` or ``all`` (default ``all``);
+- ``execution_mode``: ``sequential`` (default) or ``parallel``;
+- ``providers``: list of execution providers, e.g. ``["CPUExecutionProvider"]``; by default the
+  CUDA provider when this onnxruntime build has it, then the CPU provider;
+- ``allow_spinning``: bool; whether idle thread-pool threads busy-wait for the next run (ONNX
+  Runtime's default: yes). With as many threads as cores, spinning threads compete with the
+  numpy host code that runs between the graphs; ``False`` hands the cores back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+GraphFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+BackendFactory = Callable[[Path, Mapping[str, Any]], GraphFn]
+
+
+class RunnerError(Exception):
+    """A bundle, backend or option the runner cannot use; the message says what to do."""
+
+
+ORT_OPTIONS = (
+    "intra_op_num_threads",
+    "inter_op_num_threads",
+    "graph_optimization_level",
+    "execution_mode",
+    "providers",
+    "allow_spinning",
+)
+_ORT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+_ORT_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+
+
+class OrtGraph:
+    """One ONNX Runtime session behind the :data:`GraphFn` call signature."""
+
+    def __init__(self, session: Any, path: Path) -> None:
+        self.session = session
+        self.path = path
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.providers = list(session.get_providers())
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise RunnerError(
+                f"{self.path.name}: inputs {missing} missing (given {sorted(inputs)})"
+            )
+        feeds = {n: inputs[n] for n in self.input_names}
+        outputs = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def _int_option(options: Mapping[str, Any], key: str) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise RunnerError(f"runtime option {key}={value!r}: expected an integer >= 0")
+    return int(value)
+
+
+def _choice(options: Mapping[str, Any], key: str, table: dict[str, str]) -> str | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    if value not in table:
+        raise RunnerError(f"runtime option {key}={value!r}: expected one of {', '.join(table)}")
+    return table[value]
+
+
+def ort_session_options(options: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """Validated ``onnxruntime.SessionOptions`` and provider list for ``options``."""
+    import onnxruntime as ort
+
+    unknown = sorted(set(options) - set(ORT_OPTIONS))
+    if unknown:
+        raise RunnerError(f"unknown onnxruntime options {unknown}; known: {', '.join(ORT_OPTIONS)}")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    intra = _int_option(options, "intra_op_num_threads")
+    inter = _int_option(options, "inter_op_num_threads")
+    if intra is not None:
+        so.intra_op_num_threads = intra
+    if inter is not None:
+        so.inter_op_num_threads = inter
+    level = _choice(options, "graph_optimization_level", _ORT_LEVELS)
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level or "ORT_ENABLE_ALL")
+    spinning = options.get("allow_spinning")
+    if spinning is not None:
+        if not isinstance(spinning, bool):
+            raise RunnerError(f"runtime option allow_spinning={spinning!r}: expected true/false")
+        for pool in ("intra_op", "inter_op"):
+            so.add_session_config_entry(f"session.{pool}.allow_spinning", str(int(spinning)))
+    mode = _choice(options, "execution_mode", _ORT_MODES)
+    so.execution_mode = getattr(ort.ExecutionMode, mode or "ORT_SEQUENTIAL")
+
+    available = ort.get_available_providers()
+    providers = options.get("providers")
+    if providers is None:
+        providers = [p for p in ("CUDAExecutionProvider",) if p in available]
+        providers.append("CPUExecutionProvider")
+    else:
+        if isinstance(providers, str) or not all(isinstance(p, str) for p in providers):
+            raise RunnerError(f"runtime option providers={providers!r}: expected a list of names")
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise RunnerError(
+                f"execution providers {missing} are not in this onnxruntime build (available: "
+                f"{', '.join(available)}); install the matching onnxruntime package or drop them"
+            )
+        providers = list(providers)
+    return so, providers
+
+
+def make_onnxruntime(model_path: Path, options: Mapping[str, Any]) -> GraphFn:
+    """An ONNX Runtime session for ``model_path`` with ``options`` (see module docstring)."""
+    import onnxruntime as ort
+
+    so, providers = ort_session_options(options)
+    try:
+        session = ort.InferenceSession(str(model_path), so, providers=providers)
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise RunnerError(
+            f"{model_path}: onnxruntime cannot load this model ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); re-export the "
+            "bundle or use the onnxruntime version named in its manifest"
+        ) from err
+    return OrtGraph(session, Path(model_path))
+
+
+BACKENDS: dict[str, BackendFactory] = {"onnxruntime": make_onnxruntime}
+
+
+def make_backend(
+    kind: str,
+    model_path: Path | str,
+    options: Mapping[str, Any] | None = None,
+) -> GraphFn:
+    """The :data:`GraphFn` of backend ``kind`` for the graph file ``model_path``."""
+    if kind not in BACKENDS:
+        raise RunnerError(f"unknown backend {kind!r}; available: {', '.join(sorted(BACKENDS))}")
+    path = Path(model_path)
+    if not path.is_file():
+        raise RunnerError(f"{path}: model file not found")
+    return BACKENDS[kind](path, dict(options or {}))

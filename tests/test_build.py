@@ -1,0 +1,108 @@
+"""End-to-end builds on a tiny budget: bundle layout, manifest, caching, gates, atomicity."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.build import BuildConfig, run_build
+from pipeline.cache import sha256_file
+from pipeline.errors import ConfigError, GateError
+
+pytestmark = pytest.mark.slow
+
+
+def _config(demo_data, artifacts: Path, **changes) -> BuildConfig:
+    base = dict(
+        target="arm64",
+        train_coco=demo_data["train"] / "annotations.json",
+        train_images=demo_data["train"] / "images",
+        calib_images=demo_data["calib"] / "images",
+        calib_count=4,
+        val_coco=demo_data["val"] / "annotations.json",
+        val_images=demo_data["val"] / "images",
+        distill_steps=2,
+        latency_runs=3,
+        latency_warmup=1,
+        artifacts=artifacts,
+    )
+    base.update(changes)
+    return BuildConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def built(demo_data, tmp_path_factory):
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    manifest = run_build(_config(demo_data, artifacts))
+    return artifacts, manifest
+
+
+def test_bundle_layout_and_manifest(built):
+    artifacts, manifest = built
+    bundle = artifacts / "arm64"
+    on_disk = json.loads((bundle / "manifest.json").read_text())
+    assert on_disk["status"] == manifest["status"] == "passed"
+    for precision in ("int8", "fp32"):
+        for graph in ("backbone", "box_head", "mask_head"):
+            assert (bundle / "models" / precision / f"{graph}.onnx").is_file()
+    assert (bundle / "maskedge_runner" / "engine.py").is_file()
+    assert (bundle / "report.md").read_text().startswith("# maskedge build report")
+    for rel, digest in on_disk["files"].items():
+        assert sha256_file(bundle / rel) == digest, rel
+    ap = on_disk["parity"]["ap"]
+    for key in ("teacher", "student_fp32", "student_int8"):
+        assert {"box_ap", "mask_ap", "mask_ap50"} <= set(ap[key])
+    assert on_disk["latency"]["int8_over_fp32"]["end_to_end_p50"] > 0
+    assert on_disk["student"]["mac_ratio_teacher_over_student"] >= 3.0
+    assert on_disk["calibration"]["manifest"]["count"] == 4
+    assert [c["name"] for c in on_disk["classes"]] == ["disk", "block", "wedge"]
+    assert not list(artifacts.glob(".staging-*"))
+
+
+def test_tarball_holds_the_bundle(built):
+    artifacts, _ = built
+    with tarfile.open(artifacts / "arm64" / "maskedge-arm64.tar.gz") as tar:
+        names = tar.getnames()
+    assert "maskedge-arm64/manifest.json" in names
+    assert "maskedge-arm64/models/int8/backbone.onnx" in names
+
+
+def test_second_build_reuses_cached_stages(built, demo_data, caplog):
+    artifacts, _ = built
+    with caplog.at_level("INFO"):
+        manifest = run_build(_config(demo_data, artifacts))
+    for stage in ("distill", "export", "quantize"):
+        assert manifest["stages"][stage]["cached"] is True, stage
+    assert "reused from cache" in caplog.text
+
+
+def test_impossible_parity_budget_fails_and_marks_nothing_passed(built, demo_data):
+    artifacts, _ = built
+    with pytest.raises(GateError, match="mask_ap_drop"):
+        run_build(_config(demo_data, artifacts, parity_budget=-1.0))
+    manifest = json.loads((artifacts / "arm64" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["gate"]["passed"] is False
+    assert not (artifacts / "arm64" / "maskedge-arm64.tar.gz").exists()
+    assert "FAIL" in (artifacts / "arm64" / "report.md").read_text()
+
+
+def test_interrupted_build_leaves_no_half_written_bundle(demo_data, tmp_path, monkeypatch):
+    import pipeline.build as build
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_stage_parity", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_build(_config(demo_data, tmp_path))
+    assert not (tmp_path / "arm64").exists()
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_val_options_must_come_together(demo_data, tmp_path):
+    with pytest.raises(ConfigError, match="--val-coco and --val-images"):
+        _config(demo_data, tmp_path, val_images=None)
