@@ -11,8 +11,8 @@ scoring at least ``--score``. Needs numpy, Pillow and onnxruntime only. Exit sta
 one-line message when the bundle or an image cannot be used.
 
 numpy's BLAS runs single-threaded here (``OPENBLAS_NUM_THREADS=1`` unless set): the host code's
-matrix products are small, and BLAS threads busy-waiting after them compete with the runtime's
-threads for the cores (measured on a 2-core host: about 2x slower end to end with them).
+matrix products are small, and idle BLAS threads busy-wait, competing with the runtime's threads
+for the cores.
 """
 
 from __future__ import annotations

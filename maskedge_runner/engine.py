@@ -18,10 +18,11 @@ Stages timed in :attr:`Engine.last_timings` (seconds, the last call): ``preproce
 ``mask_head``, ``mask_paste``; a stage that did not run reads 0.0.
 
 Threads: the host code runs in the calling thread between the graphs. ONNX Runtime's pool
-threads busy-wait after each run by default and numpy's BLAS threads after each matrix product;
-on a device whose cores all run the runtime, both take cores from the host code. The runtime
-option ``allow_spinning: false`` and ``OPENBLAS_NUM_THREADS=1`` avoid that (measured on a loaded
-2-core host: each about halves end-to-end time).
+threads busy-wait after each run by default (and numpy's BLAS threads after each matrix
+product); on a device whose cores all run the runtime they take cores from the host code and
+from each other. The runtime option ``allow_spinning: false`` avoids that (measured on a loaded
+2-core host, interleaved runs in one process: 2-3x faster end to end); ``OPENBLAS_NUM_THREADS=1``
+keeps numpy's BLAS out of the way (the command line sets it).
 """
 
 from __future__ import annotations

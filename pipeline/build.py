@@ -526,15 +526,10 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
             "build_seconds": None, "host": _host(),
             "target": target.name, "profile": profile.to_dict(), "config": config.to_dict(),
             "data": data.sources,
-            "input": {"size": graph_spec.get("image_size"), "layout": "NCHW", "dtype": "float32",
-                      "color": "RGB", "range": [0.0, 1.0],
-                      "preprocessing": "letterbox: keep aspect, longer side to size, pad "
-                                       "bottom/right with the mean; mean/std inside the graph",
-                      "mean": graph_spec.get("mean"), "std": graph_spec.get("std"),
-                      "batch": "one image per call"},
+            "input": {**graph_spec["input"], "batch": "one image per call"},
             "classes": classes,
-            "thresholds": {k: graph_spec.get(k) for k in ("box_score_thresh", "box_nms_thresh",
-                                                          "detections_per_img")},
+            "thresholds": {k: graph_spec["roi_heads"][k] for k in ("score_thresh", "nms_thresh",
+                                                                   "detections_per_img")},
             "runtime": runtime,
             "models": {p: {g: f"models/{p}/{g}.onnx" for g in ("backbone", "box_head",
                                                               "mask_head")}

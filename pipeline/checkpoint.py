@@ -55,7 +55,7 @@ import pickle
 import pickletools
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +75,21 @@ BOOKKEEPING_KEYS = ("n_averaged",)  # torch.optim.swa_utils.AveragedModel (EMA) 
 CLASS_NAME_KEYS = ("class_names", "classes", "names", "categories", "CLASSES")
 TORCHVISION_DEFAULT_SIZE = (800, 1333)
 ARCHS = (
-    "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn",
-    "maskrcnn_resnet34_fpn", "maskrcnn_resnet101_fpn", "maskrcnn_mobilenet_v3_large_fpn",
-    "maskedge_resnet18", "maskedge_resnet34", "maskedge_mobilenet_v3_large",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+    "maskrcnn_resnet18_fpn",
+    "maskrcnn_resnet34_fpn",
+    "maskrcnn_resnet101_fpn",
+    "maskrcnn_mobilenet_v3_large_fpn",
+    "maskedge_resnet18",
+    "maskedge_resnet34",
+    "maskedge_mobilenet_v3_large",
 )
-MASKEDGE_RETURNED = {"resnet18": (2, 3, 4), "resnet34": (2, 3, 4), "mobilenet_v3_large": (6, 12, 16)}
+MASKEDGE_RETURNED = {
+    "resnet18": (2, 3, 4),
+    "resnet34": (2, 3, 4),
+    "mobilenet_v3_large": (6, 12, 16),
+}
 
 
 @dataclass(frozen=True)
@@ -146,19 +156,29 @@ class TorchvisionLayout:
         fits = (
             self.backbone in BACKBONES
             and MASKEDGE_RETURNED.get(self.backbone) == self.returned_layers
-            and not self.frozen_bn and not self.fpn_norm and self.rpn_conv_depth == 1
-            and self.anchors_per_location == 3 and not self.box_convs
-            and len(self.box_fcs) == 2 and self.box_resolution == 7
-            and not self.mask_norm and self.mask_dim_reduced == self.mask_layers[-1]
+            and not self.frozen_bn
+            and not self.fpn_norm
+            and self.rpn_conv_depth == 1
+            and self.anchors_per_location == 3
+            and not self.box_convs
+            and len(self.box_fcs) == 2
+            and self.box_resolution == 7
+            and not self.mask_norm
+            and self.mask_dim_reduced == self.mask_layers[-1]
         )
         if not fits:
             return None
-        return ArchSpec(backbone=self.backbone, num_classes=self.num_classes,
-                        image_size=image_size, fpn_channels=self.fpn_channels,
-                        representation_size=self.box_fcs[-1], mask_layers=self.mask_layers)
+        return ArchSpec(
+            backbone=self.backbone,
+            num_classes=self.num_classes,
+            image_size=image_size,
+            fpn_channels=self.fpn_channels,
+            representation_size=self.box_fcs[-1],
+            mask_layers=self.mask_layers,
+        )
 
 
-# -- reading the file ----------------------------------------------------------------------------
+# -- reading the file ------------------------------------------------------------------------------
 
 
 def _safe_globals() -> list[Any]:
@@ -166,12 +186,22 @@ def _safe_globals() -> list[Any]:
     import numpy as np
 
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list[Any] = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath,
-                          pathlib.PurePosixPath, pathlib.PureWindowsPath, np.ndarray, np.dtype,
-                          multiarray._reconstruct, multiarray.scalar]
+    allowed: list[Any] = [
+        argparse.Namespace,
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+        np.ndarray,
+        np.dtype,
+        multiarray._reconstruct,
+        multiarray.scalar,
+    ]
     # files written under numpy 1 name the same functions by their old module
-    allowed += [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-                (multiarray.scalar, "numpy.core.multiarray.scalar")]
+    allowed += [
+        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        (multiarray.scalar, "numpy.core.multiarray.scalar"),
+    ]
     if hasattr(np, "dtypes"):
         allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
     return allowed
@@ -193,7 +223,7 @@ def _pickle_of(path: Path) -> bytes | None:
         with zipfile.ZipFile(path) as zf:
             name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
             return zf.read(name) if name else None
-    except (zipfile.BadZipFile, OSError, KeyError):
+    except Exception:  # a best-effort probe: a damaged archive fails in many ways; that is fine
         return None
 
 
@@ -201,7 +231,7 @@ def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # a best-effort probe, as in _pickle_of
         return False
 
 
@@ -227,7 +257,7 @@ def _top_level_class(path: Path) -> str | None:
             else:
                 return None
             return None if name in ("collections.OrderedDict", "builtins.dict") else name
-    except (ValueError, EOFError, pickle.UnpicklingError):
+    except Exception:  # pickletools on damaged bytes: ValueError, EOFError, struct.error...
         return None
     return None
 
@@ -243,8 +273,10 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 def _whole_model_message(path: Path, cls: str, trusted: bool) -> str:
     module, _, name = cls.rpartition(".")
-    resave = (f'`torch.save(model.state_dict(), "{path.stem}_state_dict.pt")` and pass that file'
-              " (it needs no code to load)")
+    resave = (
+        f'`torch.save(model.state_dict(), "{path.stem}_state_dict.pt")` and pass that file'
+        " (it needs no code to load)"
+    )
     if module == "__main__":
         return (
             f"{path}: this is a whole pickled model, an object of class {name} that was defined in "
@@ -255,8 +287,10 @@ def _whole_model_message(path: Path, cls: str, trusted: bool) -> str:
             f"module) and re-save only its weights: {resave}."
         )
     if trusted:
-        return (f"{path}: this is a whole pickled model of class {cls}, and {module} cannot be "
-                f"imported here. Make it importable, or re-save only its weights: {resave}.")
+        return (
+            f"{path}: this is a whole pickled model of class {cls}, and {module} cannot be "
+            f"imported here. Make it importable, or re-save only its weights: {resave}."
+        )
     return (
         f"{path}: this is a whole pickled model, an object of class {cls}, not a state_dict. "
         f"Reading it means importing {module} and running code from the file, which maskedge "
@@ -295,8 +329,9 @@ def _read(path: Path, trust: bool) -> Any:
             raise CheckpointError(f"{path}: cannot read the TorchScript archive ({err})") from err
 
     if trust:
-        log.warning("%s: loading with full unpickling (--trust-checkpoint): code in the file "
-                    "runs", path)
+        log.warning(
+            "%s: loading with full unpickling (--trust-checkpoint): code in the file runs", path
+        )
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except (AttributeError, ImportError) as err:
@@ -308,8 +343,10 @@ def _read(path: Path, trust: bool) -> Any:
                 "its module importable, or re-save only the weights as a state_dict"
             ) from err
         except Exception as err:  # torch.load raises many kinds for a file it cannot parse
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
-                                  f"({type(err).__name__}: {_first_line(err)})") from err
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint "
+                f"({type(err).__name__}: {_first_line(err)})"
+            ) from err
 
     try:
         with torch.serialization.safe_globals(_safe_globals()):
@@ -324,13 +361,15 @@ def _read(path: Path, trust: bool) -> Any:
                 f"{path}: weights-only loading stopped at Python objects that are not weights: "
                 f"{', '.join(blocked)}. maskedge does not unpickle arbitrary objects unless told "
                 "to: if you trust the file, pass --trust-checkpoint (trust=True); or re-save "
-                "only the weights, e.g. `torch.save(ckpt[\"model\"], \"weights.pt\")`"
+                'only the weights, e.g. `torch.save(ckpt["model"], "weights.pt")`'
             ) from err
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
-                              f"({_first_line(err)})") from err
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})"
+        ) from err
     except Exception as err:  # RuntimeError, EOFError, zip errors... for a truncated/other file
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
-                              f"({type(err).__name__}: {_first_line(err)})") from err
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {_first_line(err)})"
+        ) from err
 
 
 def _first_line(err: BaseException) -> str:
@@ -338,12 +377,14 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
-# -- finding the weights in it -------------------------------------------------------------------
+# -- finding the weights in it ---------------------------------------------------------------------
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 
@@ -383,8 +424,11 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], d
         _harvest_classes(obj, info)
         key = _weights_key(obj)
         if key is None:
-            tensors = {k: v for k, v in obj.items()
-                       if isinstance(k, str) and "." in k and isinstance(v, torch.Tensor)}
+            tensors = {
+                k: v
+                for k, v in obj.items()
+                if isinstance(k, str) and "." in k and isinstance(v, torch.Tensor)
+            }
             if tensors:
                 obj = tensors
                 break
@@ -393,8 +437,12 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], d
                 f" expected tensors, or weights under one of {EMA_KEYS + WRAPPER_KEYS}"
             )
         others = [k for k in EMA_KEYS + WRAPPER_KEYS if k != key and _holds_weights(obj.get(k))]
-        log.info("%s: using the weights under %r%s", path, key,
-                 f" (also present: {', '.join(others)})" if others else "")
+        log.info(
+            "%s: using the weights under %r%s",
+            path,
+            key,
+            f" (also present: {', '.join(others)})" if others else "",
+        )
         trail.append(key)
         obj = obj[key]
     else:
@@ -412,7 +460,7 @@ def extract_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], d
                 break
             prefix = heads.pop() + "."
         log.info("%s: stripping the %r prefix from every key", path, prefix)
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = {k[len(prefix) :]: v for k, v in state.items()}
         info["prefixes"].append(prefix)
     return state, info
 
@@ -423,8 +471,11 @@ def _is_model_key(state: Mapping[str, Any]) -> bool:
 
 
 def _holds_weights(value: Any) -> bool:
-    return isinstance(value, nn.Module) or (isinstance(value, Mapping) and bool(value) and any(
-        isinstance(v, (torch.Tensor, Mapping, nn.Module)) for v in value.values()))
+    return isinstance(value, nn.Module) or (
+        isinstance(value, Mapping)
+        and bool(value)
+        and any(isinstance(v, (torch.Tensor, Mapping, nn.Module)) for v in value.values())
+    )
 
 
 def _weights_key(obj: Mapping[Any, Any]) -> str | None:
@@ -436,13 +487,17 @@ def _harvest_classes(obj: Mapping[Any, Any], info: dict[str, Any]) -> None:
         value = obj.get(key)
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
             info.setdefault("class_names", list(value))
-        elif isinstance(value, (list, tuple)) and value and all(
-                isinstance(v, Mapping) and "name" in v and "id" in v for v in value):
+        elif (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(v, Mapping) and "name" in v and "id" in v for v in value)
+        ):
             cats = sorted((int(v["id"]), str(v["name"])) for v in value)
             info.setdefault("class_names", [n for _, n in cats])
             info.setdefault("category_ids", [c for c, _ in cats])
-        elif isinstance(value, Mapping) and value and all(isinstance(v, str)
-                                                          for v in value.values()):
+        elif (
+            isinstance(value, Mapping) and value and all(isinstance(v, str) for v in value.values())
+        ):
             info.setdefault("class_names", [value[k] for k in sorted(value)])
     ids = obj.get("category_ids")
     if isinstance(ids, (list, tuple)) and all(isinstance(c, int) for c in ids):
@@ -457,8 +512,13 @@ def _harvest_module(module: nn.Module, info: dict[str, Any]) -> None:
         info.setdefault("max_size", int(transform.max_size))
     generator = getattr(getattr(module, "rpn", None), "anchor_generator", None)
     if generator is not None and hasattr(generator, "sizes"):
-        info.setdefault("anchors", (tuple(tuple(s) for s in generator.sizes),
-                                    tuple(tuple(r) for r in generator.aspect_ratios)))
+        info.setdefault(
+            "anchors",
+            (
+                tuple(tuple(s) for s in generator.sizes),
+                tuple(tuple(r) for r in generator.aspect_ratios),
+            ),
+        )
 
 
 _LEGACY_KEYS = (
@@ -482,24 +542,33 @@ def _modern_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# -- reading the architecture from the weights ---------------------------------------------------
+# -- reading the architecture from the weights -----------------------------------------------------
 
 
 def _indices(state: Mapping[str, Any], prefix: str) -> list[int]:
     found = set()
     for key in state:
         if key.startswith(prefix):
-            head = key[len(prefix):].split(".", 1)[0]
+            head = key[len(prefix) :].split(".", 1)[0]
             if head.isdigit():
                 found.add(int(head))
     return sorted(found)
 
 
-def _shape(state: Mapping[str, torch.Tensor], key: str, path: Path) -> tuple[int, ...]:
+def _shape(state: Mapping[str, torch.Tensor], key: str, path: Path, ndim: int) -> tuple[int, ...]:
+    """The shape of ``state[key]``, which must be an ``ndim``-dimensional, non-empty tensor."""
     if key not in state:
-        raise CheckpointError(f"{path}: no {key} in the weights; not a torchvision Mask R-CNN "
-                              f"layout maskedge reads (first keys: {list(state)[:5]})")
-    return tuple(state[key].shape)
+        raise CheckpointError(
+            f"{path}: no {key} in the weights; not a torchvision Mask R-CNN "
+            f"layout maskedge reads (first keys: {list(state)[:5]})"
+        )
+    shape = tuple(state[key].shape)
+    if len(shape) != ndim or 0 in shape:
+        raise CheckpointError(
+            f"{path}: {key} has shape {list(shape)}; a Mask R-CNN has a "
+            f"non-empty {ndim}-d tensor there"
+        )
+    return shape
 
 
 def infer_layout(state: Mapping[str, torch.Tensor], path: Path) -> TorchvisionLayout:
@@ -510,25 +579,32 @@ def infer_layout(state: Mapping[str, torch.Tensor], path: Path) -> TorchvisionLa
             f"{path}: no {cls_key} in the weights, so this is not a Mask R-CNN state_dict "
             f"(first keys: {list(state)[:5]}); pass the detector's weights"
         )
-    num_classes = _shape(state, cls_key, path)[0]
+    num_classes = _shape(state, cls_key, path, 2)[0]
     if "roi_heads.mask_predictor.mask_fcn_logits.weight" not in state:
-        raise CheckpointError(f"{path}: the weights have a box predictor but no mask head: a "
-                              "Faster R-CNN; maskedge deploys Mask R-CNN (instance masks)")
-    for key, rows in (("roi_heads.box_predictor.bbox_pred.weight", 4 * num_classes),
-                      ("roi_heads.mask_predictor.mask_fcn_logits.weight", num_classes)):
-        if _shape(state, key, path)[0] != rows:
+        raise CheckpointError(
+            f"{path}: the weights have a box predictor but no mask head: a "
+            "Faster R-CNN; maskedge deploys Mask R-CNN (instance masks)"
+        )
+    for key, rows in (
+        ("roi_heads.box_predictor.bbox_pred.weight", 4 * num_classes),
+        ("roi_heads.mask_predictor.mask_fcn_logits.weight", num_classes),
+    ):
+        if _shape(state, key, path, 2 if "bbox" in key else 4)[0] != rows:
             raise CheckpointError(
-                f"{path}: {key} has {_shape(state, key, path)[0]} rows but {cls_key} says "
+                f"{path}: {key} has {state[key].shape[0]} rows but {cls_key} says "
                 f"{num_classes} classes (expected {rows}); class-agnostic heads are not read"
             )
     if any(k.startswith("backbone.fpn.extra_blocks.") for k in state):
-        raise CheckpointError(f"{path}: the FPN has learned extra blocks (RetinaNet-style P6/P7);"
-                              " maskedge reads Mask R-CNN FPNs with a max-pool extra level")
+        raise CheckpointError(
+            f"{path}: the FPN has learned extra blocks (RetinaNet-style P6/P7);"
+            " maskedge reads Mask R-CNN FPNs with a max-pool extra level"
+        )
 
     fpn_levels = _indices(state, "backbone.fpn.inner_blocks.")
-    in_channels = tuple(_shape(state, f"backbone.fpn.inner_blocks.{i}.0.weight", path)[1]
-                        for i in fpn_levels)
-    fpn_channels = _shape(state, "backbone.fpn.inner_blocks.0.0.weight", path)[0]
+    in_channels = tuple(
+        _shape(state, f"backbone.fpn.inner_blocks.{i}.0.weight", path, 4)[1] for i in fpn_levels
+    )
+    fpn_channels = _shape(state, "backbone.fpn.inner_blocks.0.0.weight", path, 4)[0]
     if "backbone.body.conv1.weight" in state:
         body = _read_resnet(state, in_channels, path)
     elif "backbone.body.0.0.weight" in state:
@@ -541,59 +617,82 @@ def infer_layout(state: Mapping[str, torch.Tensor], path: Path) -> TorchvisionLa
         )
 
     rpn_depth = len(_indices(state, "rpn.head.conv."))
-    anchors = _shape(state, "rpn.head.cls_logits.weight", path)[0]
+    anchors = _shape(state, "rpn.head.cls_logits.weight", path, 4)[0]
     box_convs: tuple[int, ...] = ()
     if "roi_heads.box_head.fc6.weight" in state:
-        fc6 = _shape(state, "roi_heads.box_head.fc6.weight", path)
-        box_fcs = (fc6[0], _shape(state, "roi_heads.box_head.fc7.weight", path)[0])
+        fc6 = _shape(state, "roi_heads.box_head.fc6.weight", path, 2)
+        box_fcs = (fc6[0], _shape(state, "roi_heads.box_head.fc7.weight", path, 2)[0])
         flat_in, box_norm = fc6[1], False
     else:
         blocks = _indices(state, "roi_heads.box_head.")
-        box_convs = tuple(state[f"roi_heads.box_head.{i}.0.weight"].shape[0] for i in blocks
-                          if f"roi_heads.box_head.{i}.0.weight" in state)
+        box_convs = tuple(
+            _shape(state, f"roi_heads.box_head.{i}.0.weight", path, 4)[0]
+            for i in blocks
+            if f"roi_heads.box_head.{i}.0.weight" in state
+        )
         fcs = [i for i in blocks if f"roi_heads.box_head.{i}.weight" in state]
         if not box_convs or not fcs:
-            raise CheckpointError(f"{path}: the box head is neither torchvision's two-layer MLP "
-                                  "(fc6/fc7) nor its conv+fc head (v2)")
-        box_fcs = tuple(state[f"roi_heads.box_head.{i}.weight"].shape[0] for i in fcs)
-        flat_in = state[f"roi_heads.box_head.{fcs[0]}.weight"].shape[1] * fpn_channels \
+            raise CheckpointError(
+                f"{path}: the box head is neither torchvision's two-layer MLP "
+                "(fc6/fc7) nor its conv+fc head (v2)"
+            )
+        box_fcs = tuple(_shape(state, f"roi_heads.box_head.{i}.weight", path, 2)[0] for i in fcs)
+        flat_in = (
+            _shape(state, f"roi_heads.box_head.{fcs[0]}.weight", path, 2)[1]
+            * fpn_channels
             // box_convs[-1]
-        box_norm = f"roi_heads.box_head.{_indices(state, 'roi_heads.box_head.')[0]}.1.weight" \
-            in state
+        )
+        box_norm = (
+            f"roi_heads.box_head.{_indices(state, 'roi_heads.box_head.')[0]}.1.weight" in state
+        )
     resolution = round((flat_in / fpn_channels) ** 0.5)
     if resolution * resolution * fpn_channels != flat_in:
-        raise CheckpointError(f"{path}: the box head takes {flat_in} inputs, not C*R*R for the "
-                              f"FPN width C={fpn_channels}")
+        raise CheckpointError(
+            f"{path}: the box head takes {flat_in} inputs, not C*R*R for the "
+            f"FPN width C={fpn_channels}"
+        )
 
     mask_blocks = _indices(state, "roi_heads.mask_head.")
-    mask_layers = tuple(_shape(state, f"roi_heads.mask_head.{i}.0.weight", path)[0]
-                        for i in mask_blocks)
+    mask_layers = tuple(
+        _shape(state, f"roi_heads.mask_head.{i}.0.weight", path, 4)[0] for i in mask_blocks
+    )
     if not mask_layers:
         raise CheckpointError(f"{path}: no mask head convolutions (roi_heads.mask_head.*)")
-    conv5 = _shape(state, "roi_heads.mask_predictor.conv5_mask.weight", path)
+    conv5 = _shape(state, "roi_heads.mask_predictor.conv5_mask.weight", path, 4)
     return TorchvisionLayout(
-        **body, fpn_in_channels=in_channels, fpn_channels=fpn_channels,
-        fpn_norm="backbone.fpn.inner_blocks.0.1.weight" in state, rpn_conv_depth=rpn_depth,
-        anchors_per_location=anchors, box_convs=box_convs, box_fcs=box_fcs, box_norm=box_norm,
-        box_resolution=resolution, mask_layers=mask_layers,
-        mask_norm="roi_heads.mask_head.0.1.weight" in state, mask_dim_reduced=conv5[1],
+        **body,
+        fpn_in_channels=in_channels,
+        fpn_channels=fpn_channels,
+        fpn_norm="backbone.fpn.inner_blocks.0.1.weight" in state,
+        rpn_conv_depth=rpn_depth,
+        anchors_per_location=anchors,
+        box_convs=box_convs,
+        box_fcs=box_fcs,
+        box_norm=box_norm,
+        box_resolution=resolution,
+        mask_layers=mask_layers,
+        mask_norm="roi_heads.mask_head.0.1.weight" in state,
+        mask_dim_reduced=conv5[1],
         num_classes=num_classes,
     )
 
 
-def _read_resnet(state: Mapping[str, torch.Tensor], in_channels: tuple[int, ...],
-                 path: Path) -> dict[str, Any]:
+def _read_resnet(
+    state: Mapping[str, torch.Tensor], in_channels: tuple[int, ...], path: Path
+) -> dict[str, Any]:
     b = "backbone.body."
     bottleneck = f"{b}layer1.0.conv3.weight" in state
     blocks = tuple(len(_indices(state, f"{b}layer{i}.")) for i in range(1, 5))
-    conv2 = _shape(state, f"{b}layer1.0.conv2.weight", path)
+    conv2 = _shape(state, f"{b}layer1.0.conv2.weight", path, 4)
     groups = conv2[0] // conv2[1]
     width_per_group = conv2[0] // groups if bottleneck else 64
     expansion = 4 if bottleneck else 1
     outputs = {64 * expansion * 2 ** (i - 1): i for i in range(1, 5)}
     if not all(c in outputs for c in in_channels):
-        raise CheckpointError(f"{path}: FPN inputs of {list(in_channels)} channels do not match "
-                              f"the ResNet's layer outputs {sorted(outputs)}")
+        raise CheckpointError(
+            f"{path}: FPN inputs of {list(in_channels)} channels do not match "
+            f"the ResNet's layer outputs {sorted(outputs)}"
+        )
     returned = tuple(outputs[c] for c in in_channels)
     if bottleneck:
         depth = 2 + 3 * sum(blocks)
@@ -609,10 +708,16 @@ def _read_resnet(state: Mapping[str, torch.Tensor], in_channels: tuple[int, ...]
         raise CheckpointError(f"{path}: ResNet layers {blocks} are incomplete")
     if 0 in blocks:
         name += "_partial"
-    return {"backbone": name, "family": "resnet", "blocks": blocks, "bottleneck": bottleneck,
-            "groups": groups, "width_per_group": width_per_group,
-            "frozen_bn": f"{b}bn1.num_batches_tracked" not in state,
-            "returned_layers": returned}
+    return {
+        "backbone": name,
+        "family": "resnet",
+        "blocks": blocks,
+        "bottleneck": bottleneck,
+        "groups": groups,
+        "width_per_group": width_per_group,
+        "frozen_bn": f"{b}bn1.num_batches_tracked" not in state,
+        "returned_layers": returned,
+    }
 
 
 def _mobilenet_features(name: str) -> nn.Sequential:
@@ -622,19 +727,28 @@ def _mobilenet_features(name: str) -> nn.Sequential:
     return builder[name](weights=None, norm_layer=nn.BatchNorm2d).features
 
 
-def _read_mobilenet(state: Mapping[str, torch.Tensor], in_channels: tuple[int, ...],
-                    path: Path) -> dict[str, Any]:
-    body = {k[len("backbone.body."):]: v for k, v in state.items()
-            if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked")}
+def _read_mobilenet(
+    state: Mapping[str, torch.Tensor], in_channels: tuple[int, ...], path: Path
+) -> dict[str, Any]:
+    body = {
+        k[len("backbone.body.") :]: v
+        for k, v in state.items()
+        if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked")
+    }
     for name in ("mobilenet_v3_large", "mobilenet_v3_small"):
         features = _mobilenet_features(name)
-        reference = {k: v.shape for k, v in features.state_dict().items()
-                     if not k.endswith("num_batches_tracked")}
+        reference = {
+            k: v.shape
+            for k, v in features.state_dict().items()
+            if not k.endswith("num_batches_tracked")
+        }
         if all(reference.get(k) == v.shape for k, v in body.items()):
             break
     else:
-        raise CheckpointError(f"{path}: the backbone looks like a MobileNet but matches neither "
-                              "torchvision's mobilenet_v3_large nor mobilenet_v3_small")
+        raise CheckpointError(
+            f"{path}: the backbone looks like a MobileNet but matches neither "
+            "torchvision's mobilenet_v3_large nor mobilenet_v3_small"
+        )
     stages = [0] + [i for i, blk in enumerate(features) if getattr(blk, "_is_cn", False)]
     stages.append(len(features) - 1)
     by_channels = {_out_channels(features[i]): i for i in stages}
@@ -643,12 +757,20 @@ def _read_mobilenet(state: Mapping[str, torch.Tensor], in_channels: tuple[int, .
     elif all(c in by_channels for c in in_channels):
         returned = tuple(by_channels[c] for c in in_channels)
     else:
-        raise CheckpointError(f"{path}: FPN inputs of {list(in_channels)} channels match no "
-                              f"{name} stage outputs {sorted(by_channels)}")
-    return {"backbone": name, "family": "mobilenet", "blocks": (), "bottleneck": False,
-            "groups": 1, "width_per_group": 64,
-            "frozen_bn": "backbone.body.0.1.num_batches_tracked" not in state,
-            "returned_layers": returned}
+        raise CheckpointError(
+            f"{path}: FPN inputs of {list(in_channels)} channels match no "
+            f"{name} stage outputs {sorted(by_channels)}"
+        )
+    return {
+        "backbone": name,
+        "family": "mobilenet",
+        "blocks": (),
+        "bottleneck": False,
+        "groups": 1,
+        "width_per_group": 64,
+        "frozen_bn": "backbone.body.0.1.num_batches_tracked" not in state,
+        "returned_layers": returned,
+    }
 
 
 def _out_channels(block: nn.Module) -> int:
@@ -658,8 +780,9 @@ def _out_channels(block: nn.Module) -> int:
     return int(convs[-1].out_channels)
 
 
-def _default_anchors(layout: TorchvisionLayout, path: Path) -> tuple[tuple[tuple[int, ...], ...],
-                                                                    tuple[tuple[float, ...], ...]]:
+def _default_anchors(
+    layout: TorchvisionLayout, path: Path
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]]:
     levels = len(layout.returned_layers) + 1  # plus the max-pooled level
     per_location = layout.anchors_per_location
     if per_location % 3:
@@ -678,13 +801,18 @@ def _default_anchors(layout: TorchvisionLayout, path: Path) -> tuple[tuple[tuple
     ratios = ((0.5, 1.0, 2.0),) * levels
     (log.info if standard else log.warning)(
         "%s: anchors are not stored in weights; using torchvision's %s anchor sizes %s with "
-        "aspect ratios (0.5, 1, 2) for %d anchors per location", path,
-        "default" if standard else "assumed", sizes, per_location)
+        "aspect ratios (0.5, 1, 2) for %d anchors per location",
+        path,
+        "default" if standard else "assumed",
+        sizes,
+        per_location,
+    )
     return sizes, ratios
 
 
-def build_torchvision(layout: TorchvisionLayout, *, min_size: int, max_size: int,
-                      anchors: tuple[Any, Any]) -> nn.Module:
+def build_torchvision(
+    layout: TorchvisionLayout, *, min_size: int, max_size: int, anchors: tuple[Any, Any]
+) -> nn.Module:
     """A randomly initialised torchvision ``MaskRCNN`` with exactly ``layout``'s modules."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -703,9 +831,13 @@ def build_torchvision(layout: TorchvisionLayout, *, min_size: int, max_size: int
     norm = FrozenBatchNorm2d if layout.frozen_bn else nn.BatchNorm2d
     if layout.family == "resnet":
         blocks = [n or 1 for n in layout.blocks]
-        body: nn.Module = ResNet(Bottleneck if layout.bottleneck else BasicBlock, blocks,
-                                 groups=layout.groups, width_per_group=layout.width_per_group,
-                                 norm_layer=norm)
+        body: nn.Module = ResNet(
+            Bottleneck if layout.bottleneck else BasicBlock,
+            blocks,
+            groups=layout.groups,
+            width_per_group=layout.width_per_group,
+            norm_layer=norm,
+        )
         return_layers = {f"layer{k}": str(v) for v, k in enumerate(layout.returned_layers)}
     else:
         from torchvision.models import mobilenet_v3_large, mobilenet_v3_small
@@ -714,14 +846,22 @@ def build_torchvision(layout: TorchvisionLayout, *, min_size: int, max_size: int
         body = builder(weights=None, norm_layer=norm).features
         return_layers = {str(k): str(v) for v, k in enumerate(layout.returned_layers)}
     c = layout.fpn_channels
-    backbone = BackboneWithFPN(body, return_layers, list(layout.fpn_in_channels), c,
-                               extra_blocks=LastLevelMaxPool(),
-                               norm_layer=nn.BatchNorm2d if layout.fpn_norm else None)
+    backbone = BackboneWithFPN(
+        body,
+        return_layers,
+        list(layout.fpn_in_channels),
+        c,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=nn.BatchNorm2d if layout.fpn_norm else None,
+    )
     res = layout.box_resolution
     if layout.box_convs:
         box_head: nn.Module = FastRCNNConvFCHead(
-            (c, res, res), list(layout.box_convs), list(layout.box_fcs),
-            norm_layer=nn.BatchNorm2d if layout.box_norm else None)
+            (c, res, res),
+            list(layout.box_convs),
+            list(layout.box_fcs),
+            norm_layer=nn.BatchNorm2d if layout.box_norm else None,
+        )
     else:
         box_head = TwoMLPHead(c * res * res, layout.box_fcs[-1])
     k = layout.num_classes
@@ -737,18 +877,20 @@ def build_torchvision(layout: TorchvisionLayout, *, min_size: int, max_size: int
         box_roi_pool=MultiScaleRoIAlign(names, output_size=res, sampling_ratio=2),
         box_head=box_head,
         box_predictor=FastRCNNPredictor(layout.box_fcs[-1], k),
-        mask_head=MaskRCNNHeads(c, list(layout.mask_layers), 1,
-                                norm_layer=nn.BatchNorm2d if layout.mask_norm else None),
+        mask_head=MaskRCNNHeads(
+            c, list(layout.mask_layers), 1, norm_layer=nn.BatchNorm2d if layout.mask_norm else None
+        ),
         mask_predictor=MaskRCNNPredictor(layout.mask_layers[-1], layout.mask_dim_reduced, k),
     )
     return model
 
 
-# -- class names ---------------------------------------------------------------------------------
+# -- class names -----------------------------------------------------------------------------------
 
 
-def _names_from_option(value: Sequence[str] | str | Path,
-                       num_labels: int) -> tuple[list[str], list[int] | None, str]:
+def _names_from_option(
+    value: Sequence[str] | str | Path, num_labels: int
+) -> tuple[list[str], list[int] | None, str]:
     """(names, category ids or None, where from) for the ``class_names`` option."""
     if isinstance(value, (str, Path)) and Path(value).is_file():
         file = Path(value)
@@ -757,16 +899,20 @@ def _names_from_option(value: Sequence[str] | str | Path,
 
             cats = read_categories(file)
             return _labels_for_categories(cats, num_labels, file)
-        names = [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines()
-                 if line.strip()]
+        names = [
+            line.strip()
+            for line in file.read_text(encoding="utf-8-sig").splitlines()
+            if line.strip()
+        ]
         return names, None, str(file)
     if isinstance(value, str):
         return [n.strip() for n in value.split(",") if n.strip()], None, "class_names"
     return [str(n) for n in value], None, "class_names"
 
 
-def _labels_for_categories(cats: list[tuple[int, str]], num_labels: int,
-                           file: Path) -> tuple[list[str], list[int], str]:
+def _labels_for_categories(
+    cats: list[tuple[int, str]], num_labels: int, file: Path
+) -> tuple[list[str], list[int], str]:
     """Labels 1..K of a model for a COCO file's categories.
 
     K categories: label i is the i-th by id (maskedge's and most fine-tuning scripts' mapping).
@@ -774,11 +920,20 @@ def _labels_for_categories(cats: list[tuple[int, str]], num_labels: int,
     """
     if len(cats) == num_labels:
         return [n for _, n in cats], [c for c, _ in cats], str(file)
-    if cats and len(cats) < num_labels and max(c for c, _ in cats) <= num_labels \
-            and min(c for c, _ in cats) >= 1:
+    if (
+        cats
+        and len(cats) < num_labels
+        and max(c for c, _ in cats) <= num_labels
+        and min(c for c, _ in cats) >= 1
+    ):
         names = dict(cats)
-        log.info("%s: %d categories for %d labels; label i is category id i (torchvision's COCO "
-                 "convention), unused labels are 'N/A'", file, len(cats), num_labels)
+        log.info(
+            "%s: %d categories for %d labels; label i is category id i (torchvision's COCO "
+            "convention), unused labels are 'N/A'",
+            file,
+            len(cats),
+            num_labels,
+        )
         ids = list(range(1, num_labels + 1))
         return [names.get(i, "N/A") for i in ids], ids, str(file)
     raise CheckpointError(
@@ -788,8 +943,9 @@ def _labels_for_categories(cats: list[tuple[int, str]], num_labels: int,
     )
 
 
-def _resolve_classes(num_classes: int, option: Sequence[str] | str | Path | None,
-                     info: dict[str, Any], path: Path) -> tuple[list[str], list[int], str]:
+def _resolve_classes(
+    num_classes: int, option: Sequence[str] | str | Path | None, info: dict[str, Any], path: Path
+) -> tuple[list[str], list[int], str]:
     labels = num_classes - 1
     ids: list[int] | None
     if option is not None:
@@ -797,8 +953,12 @@ def _resolve_classes(num_classes: int, option: Sequence[str] | str | Path | None
     elif "class_names" in info:
         names, ids, source = list(info["class_names"]), info.get("category_ids"), "checkpoint"
     else:
-        log.info("%s: no class names in the checkpoint; using class_1..class_%d (pass "
-                 "--class-names or a COCO file to name them)", path, labels)
+        log.info(
+            "%s: no class names in the checkpoint; using class_1..class_%d (pass "
+            "--class-names or a COCO file to name them)",
+            path,
+            labels,
+        )
         return [f"class_{i}" for i in range(1, labels + 1)], list(range(1, labels + 1)), "default"
     if len(names) == labels + 1 and names[0].lower() in ("__background__", "background", "bg"):
         names = names[1:]
@@ -812,7 +972,7 @@ def _resolve_classes(num_classes: int, option: Sequence[str] | str | Path | None
     return names, [int(c) for c in ids], source
 
 
-# -- the entry point -----------------------------------------------------------------------------
+# -- the entry point -------------------------------------------------------------------------------
 
 
 def _check_option(name: str, value: int | None) -> None:
@@ -820,9 +980,16 @@ def _check_option(name: str, value: int | None) -> None:
         raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
-def load_checkpoint(path: Path | str, *, arch: str | None = None, num_classes: int | None = None,
-                    class_names: Sequence[str] | str | Path | None = None, trust: bool = False,
-                    min_size: int | None = None, max_size: int | None = None) -> LoadedModel:
+def load_checkpoint(
+    path: Path | str,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | str | Path | None = None,
+    trust: bool = False,
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> LoadedModel:
     """Read ``path`` and return the model (float32, eval mode, on CPU) with its metadata.
 
     ``arch`` and ``num_classes`` (background included) check, or choose between, what the
@@ -848,13 +1015,20 @@ def load_checkpoint(path: Path | str, *, arch: str | None = None, num_classes: i
         try:
             spec = ArchSpec.from_dict(obj["arch"])
         except (TypeError, KeyError, ValueError, ConfigError) as err:
-            raise CheckpointError(f"{path}: its 'arch' entry is not a maskedge ArchSpec "
-                                  f"({err})") from err
+            raise CheckpointError(
+                f"{path}: its 'arch' entry is not a maskedge ArchSpec ({err})"
+            ) from err
         _harvest_classes(obj, info)
         name = f"maskedge_{spec.backbone}"
         inferred = spec.num_classes
     else:
-        layout = infer_layout(state, path)
+        try:
+            layout = infer_layout(state, path)
+        except (IndexError, ValueError, ZeroDivisionError) as err:  # shapes no torchvision makes
+            raise CheckpointError(
+                f"{path}: the weights have shapes no torchvision Mask R-CNN "
+                f"has ({type(err).__name__}: {err})"
+            ) from err
         inferred = layout.num_classes
         spec = layout.maskedge_spec(256)
         readings = ([f"maskedge_{layout.backbone}"] if spec else []) + [layout.name]
@@ -869,8 +1043,11 @@ def load_checkpoint(path: Path | str, *, arch: str | None = None, num_classes: i
     if maskedge and arch is not None and arch != name:
         raise CheckpointError(f"{path}: a maskedge checkpoint of {name}, not --arch={arch}")
     if num_classes is not None and num_classes != inferred:
-        hint = (" (num_classes counts the background class, as torchvision does)"
-                if num_classes == inferred - 1 else "")
+        hint = (
+            " (num_classes counts the background class, as torchvision does)"
+            if num_classes == inferred - 1
+            else ""
+        )
         raise CheckpointError(
             f"{path}: the weights were trained for num_classes={inferred} (background included; "
             f"roi_heads.box_predictor.cls_score.weight has {inferred} rows) but num_classes="
@@ -887,14 +1064,20 @@ def load_checkpoint(path: Path | str, *, arch: str | None = None, num_classes: i
                 spec = spec.with_(image_size=size)
             except ConfigError as err:
                 raise ConfigError(f"--min-size/--max-size {size} for {name}: {err}") from err
-        model = build_model(spec)
+        model = _build(lambda: build_model(spec), name, path)
         image_size = spec.image_size
     else:
         assert layout is not None
         min_size = min_size or TORCHVISION_DEFAULT_SIZE[0]
         max_size = max_size or TORCHVISION_DEFAULT_SIZE[1]
         anchors = info.get("anchors") or _default_anchors(layout, path)
-        model = build_torchvision(layout, min_size=min_size, max_size=max_size, anchors=anchors)
+        model = _build(
+            lambda: build_torchvision(
+                layout, min_size=min_size, max_size=max_size, anchors=anchors
+            ),
+            name,
+            path,
+        )
         image_size = min(min_size, max_size)
     _load_strict(model, state, path, name)
     model.eval()
@@ -902,54 +1085,98 @@ def load_checkpoint(path: Path | str, *, arch: str | None = None, num_classes: i
     names, ids, names_from = _resolve_classes(inferred, class_names, info, path)
     stored = obj.get("metadata") if maskedge else None
     metadata = dict(stored) if isinstance(stored, Mapping) else {}
-    metadata["checkpoint_fields"] = {k: v for k, v in info["fields"].items()
-                                     if k not in ("format", "format_version")}
+    metadata["checkpoint_fields"] = {
+        k: v for k, v in info["fields"].items() if k not in ("format", "format_version")
+    }
     metadata["loaded_as"] = {
         "format": "maskedge-checkpoint" if maskedge else "state_dict",
-        "arch": name, "weights_key": info["weights_key"], "stripped_prefixes": info["prefixes"],
-        "trusted": trust, "class_names_from": names_from, "image_size": image_size,
+        "arch": name,
+        "weights_key": info["weights_key"],
+        "stripped_prefixes": info["prefixes"],
+        "trusted": trust,
+        "class_names_from": names_from,
+        "image_size": image_size,
         "layout": asdict(layout) if layout else None,
-        "min_size": model.transform.min_size[0], "max_size": model.transform.max_size,
+        "min_size": model.transform.min_size[0],
+        "max_size": model.transform.max_size,
         "anchor_sizes": [list(s) for s in model.rpn.anchor_generator.sizes],
     }
-    log.info("%s: %s, %d classes (%s), input %d px%s", path, name, inferred - 1,
-             ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""), image_size,
-             f", weights under '{info['weights_key']}'" if info["weights_key"] else "")
-    return LoadedModel(model=model, spec=spec, class_names=names, category_ids=ids, path=path,
-                       metadata=metadata, arch=name, image_size=image_size)
+    log.info(
+        "%s: %s, %d classes (%s), input %d px%s",
+        path,
+        name,
+        inferred - 1,
+        ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
+        image_size,
+        f", weights under '{info['weights_key']}'" if info["weights_key"] else "",
+    )
+    return LoadedModel(
+        model=model,
+        spec=spec,
+        class_names=names,
+        category_ids=ids,
+        path=path,
+        metadata=metadata,
+        arch=name,
+        image_size=image_size,
+    )
+
+
+def _build(make: Callable[[], nn.Module], name: str, path: Path) -> nn.Module:
+    try:
+        return make()
+    except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as err:
+        raise CheckpointError(
+            f"{path}: cannot build {name} with the sizes its weights or "
+            f"arch entry give ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
     # a sum is NaN/inf when any element is (or when it overflows, which the exact check sorts out)
-    suspects = [k for k, v in state.items()
-                if v.is_floating_point() and not torch.isfinite(v.float().sum())]
+    suspects = [
+        k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v.float().sum())
+    ]
     bad = [k for k in suspects if not torch.isfinite(state[k]).all()]
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: "
-                              f"{bad[0]}); the training diverged - use an earlier checkpoint")
+        raise CheckpointError(
+            f"{path}: {len(bad)} weight tensors hold NaN or inf (first: "
+            f"{bad[0]}); the training diverged - use an earlier checkpoint"
+        )
 
 
 def _describe(layout: TorchvisionLayout) -> str:
-    return (f"FPN on {list(layout.fpn_in_channels)} -> {layout.fpn_channels} channels, "
-            f"{layout.anchors_per_location} anchors per location, box head "
-            f"{'conv ' + str(list(layout.box_convs)) + ' + ' if layout.box_convs else ''}"
-            f"fc {list(layout.box_fcs)}, mask head {list(layout.mask_layers)}, "
-            f"{layout.num_classes} classes")
+    return (
+        f"FPN on {list(layout.fpn_in_channels)} -> {layout.fpn_channels} channels, "
+        f"{layout.anchors_per_location} anchors per location, box head "
+        f"{'conv ' + str(list(layout.box_convs)) + ' + ' if layout.box_convs else ''}"
+        f"fc {list(layout.box_fcs)}, mask head {list(layout.mask_layers)}, "
+        f"{layout.num_classes} classes"
+    )
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     # FrozenBatchNorm2d drops num_batches_tracked itself; BatchNorm2d tolerates its absence
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
     if missing or unexpected or wrong:
-        parts = [f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                     ("wrong shape", wrong)) if keys]
+        parts = [
+            f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", wrong),
+            )
+            if keys
+        ]
         raise CheckpointError(
             f"{path}: the weights do not fit {name}: {'; '.join(parts)}. "
             f"Pass --arch for the architecture it was trained as (one of {', '.join(ARCHS)})"
@@ -957,5 +1184,6 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, n
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: the weights do not load into {name}: "
-                              f"{_first_line(err)}") from err
+        raise CheckpointError(
+            f"{path}: the weights do not load into {name}: {_first_line(err)}"
+        ) from err

@@ -109,8 +109,8 @@ class DataQuality:
             counter: Counter[str] = getattr(self, kind)
             if counter:
                 detail = ", ".join(
-                    f"{reason} {n}" + (f" (e.g. {self.examples[reason][:5]})"
-                                       if self.examples.get(reason) else "")
+                    f"{reason} {n}"
+                    + (f" (e.g. {self.examples[reason][:5]})" if self.examples.get(reason) else "")
                     for reason, n in sorted(counter.items())
                 )
                 what = "images" if kind == "skipped" else "annotations"
@@ -193,7 +193,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: cannot read the annotation file as UTF-8 text ({err})") from err
+        raise DatasetError(
+            f"{path}: cannot read the annotation file as UTF-8 text ({err})"
+        ) from err
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -248,9 +250,15 @@ class CocoInstances:
     dropped, repaired or skipped and why.
     """
 
-    def __init__(self, annotation_file: Path | str, image_dir: Path | str, *,
-                 category_ids: Sequence[int] | None = None, keep_negatives: bool = True,
-                 strict: bool = False) -> None:
+    def __init__(
+        self,
+        annotation_file: Path | str,
+        image_dir: Path | str,
+        *,
+        category_ids: Sequence[int] | None = None,
+        keep_negatives: bool = True,
+        strict: bool = False,
+    ) -> None:
         from pycocotools.coco import COCO
 
         self.annotation_file = Path(annotation_file)
@@ -265,17 +273,22 @@ class CocoInstances:
         self._set_labels(file_cats, category_ids)
         images = self._clean_images(_entries(data, "images", self.annotation_file, True))
         if "annotations" not in data:
-            log.warning("%s: no 'annotations' list; every image is a negative",
-                        self.annotation_file)
+            log.warning(
+                "%s: no 'annotations' list; every image is a negative", self.annotation_file
+            )
         annotations = self._clean_annotations(
             _entries(data, "annotations", self.annotation_file, False), images
         )
-        categories = [{"id": c, "name": self.class_names[i]}
-                      for i, c in enumerate(self.category_ids)]
+        categories = [
+            {"id": c, "name": self.class_names[i]} for i, c in enumerate(self.category_ids)
+        ]
 
         self.coco = COCO()
-        self.coco.dataset = {"images": list(images.values()), "annotations": annotations,
-                             "categories": categories}
+        self.coco.dataset = {
+            "images": list(images.values()),
+            "annotations": annotations,
+            "categories": categories,
+        }
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco.createIndex()
         positives = {a["image_id"] for a in annotations if not a["iscrowd"]}
@@ -286,8 +299,11 @@ class CocoInstances:
             self.image_ids = sorted(images)
         else:
             self.image_ids = sorted(positives)
-            log.info("%s: leaving out %d images without objects (keep_negatives=False)",
-                     self.annotation_file, len(images) - len(positives))
+            log.info(
+                "%s: leaving out %d images without objects (keep_negatives=False)",
+                self.annotation_file,
+                len(images) - len(positives),
+            )
         self.quality.images = len(self.image_ids)
         if not self.image_ids:
             raise DatasetError(
@@ -308,8 +324,12 @@ class CocoInstances:
                 raise DatasetError(f"category_ids={ids}: give each model category id once")
             missing = sorted(set(file_cats) - set(ids))
             if missing:
-                log.warning("%s: categories %s are not among the model's %s; their annotations "
-                            "are dropped", self.annotation_file, missing, ids)
+                log.warning(
+                    "%s: categories %s are not among the model's %s; their annotations are dropped",
+                    self.annotation_file,
+                    missing,
+                    ids,
+                )
         self.category_ids = ids
         self.class_names = [file_cats.get(c, f"category_{c}") for c in ids]
         # contiguous training labels 1..K <-> the file's own category ids
@@ -318,8 +338,10 @@ class CocoInstances:
 
     def _skip_image(self, reason: str, file: str, message: str) -> None:
         if self.strict:
-            raise DatasetError(f"{self.annotation_file}: {message} (strict: stopping; without "
-                               "strict it is skipped)")
+            raise DatasetError(
+                f"{self.annotation_file}: {message} (strict: stopping; without "
+                "strict it is skipped)"
+            )
         self.quality.note("skipped", reason, file, f"skipping {message}")
 
     def _clean_images(self, entries: list[Any]) -> dict[int, dict[str, Any]]:
@@ -338,30 +360,45 @@ class CocoInstances:
                 raise DatasetError(f"{path}: image {image_id} has no 'file_name' string")
             file = self._find_file(name)
             if file is None:
-                self._skip_image("image_missing", name,
-                                 f"image {image_id}: {self.image_dir / name} not found")
+                self._skip_image(
+                    "image_missing", name, f"image {image_id}: {self.image_dir / name} not found"
+                )
                 continue
             try:
                 with Image.open(file) as im:
                     width, height = im.size
             except Exception as err:  # Pillow raises many kinds for a non-image file
-                self._skip_image("image_unreadable", name,
-                                 f"image {image_id}: {file} is not a readable image ({err})")
+                self._skip_image(
+                    "image_unreadable",
+                    name,
+                    f"image {image_id}: {file} is not a readable image ({err})",
+                )
                 continue
             w, h = _as_int(entry.get("width")), _as_int(entry.get("height"))
             if w is None or h is None or w <= 0 or h <= 0:
                 w, h = width, height
                 self.quality.repaired["image_size_from_file"] += 1
             if (w, h) != (width, height):
-                hint = ("; width and height are swapped, as when a tool applied EXIF rotation"
-                        if (w, h) == (height, width) else "")
-                self._skip_image("size_mismatch", name,
-                                 f"image {image_id}: {file} is {width}x{height} but the "
-                                 f"annotations say {w}x{h}{hint}")
+                hint = (
+                    "; width and height are swapped, as when a tool applied EXIF rotation"
+                    if (w, h) == (height, width)
+                    else ""
+                )
+                self._skip_image(
+                    "size_mismatch",
+                    name,
+                    f"image {image_id}: {file} is {width}x{height} but the "
+                    f"annotations say {w}x{h}{hint}",
+                )
                 continue
-            images[image_id] = {"id": image_id, "file_name": str(file.relative_to(self.image_dir))
-                                if file.is_relative_to(self.image_dir) else str(file),
-                                "width": width, "height": height}
+            images[image_id] = {
+                "id": image_id,
+                "file_name": str(file.relative_to(self.image_dir))
+                if file.is_relative_to(self.image_dir)
+                else str(file),
+                "width": width,
+                "height": height,
+            }
         return images
 
     def _find_file(self, name: str) -> Path | None:
@@ -374,21 +411,29 @@ class CocoInstances:
             return alt
         return None
 
-    def _clean_annotations(self, entries: list[Any],
-                           images: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    def _clean_annotations(
+        self, entries: list[Any], images: dict[int, dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         used_ids: set[int] = set()
         for i, ann in enumerate(entries):
             if not isinstance(ann, dict):
-                self.quality.note("dropped", "malformed_annotation", f"#{i}",
-                                  f"annotations[{i}] is a {type(ann).__name__}, not an object; "
-                                  "dropped")
+                self.quality.note(
+                    "dropped",
+                    "malformed_annotation",
+                    f"#{i}",
+                    f"annotations[{i}] is a {type(ann).__name__}, not an object; dropped",
+                )
                 continue
             ann_id = _as_int(ann.get("id"))
-            label = f"annotation {ann.get('id')!r:.40}" if ann_id is not None else (
-                f"annotations[{i}] (no id)")
-            cleaned = self._clean_annotation(ann, label, ann_id if ann_id is not None else f"#{i}",
-                                             images)
+            label = (
+                f"annotation {ann.get('id')!r:.40}"
+                if ann_id is not None
+                else (f"annotations[{i}] (no id)")
+            )
+            cleaned = self._clean_annotation(
+                ann, label, ann_id if ann_id is not None else f"#{i}", images
+            )
             if cleaned is None:
                 continue
             if ann_id is None or ann_id in used_ids:
@@ -405,8 +450,9 @@ class CocoInstances:
                 self.quality.repaired["annotation_id_assigned"] += 1
         return out
 
-    def _clean_annotation(self, ann: dict[str, Any], label: str, example: Any,
-                          images: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    def _clean_annotation(
+        self, ann: dict[str, Any], label: str, example: Any, images: dict[int, dict[str, Any]]
+    ) -> dict[str, Any] | None:
         from pycocotools import mask as mask_utils
 
         def drop(reason: str, why: str) -> None:
@@ -451,8 +497,12 @@ class CocoInstances:
             x0, y0 = min(max(0.0, bbox[0]), w), min(max(0.0, bbox[1]), h)
             x1, y1 = min(max(0.0, bbox[0] + bbox[2]), w), min(max(0.0, bbox[1] + bbox[3]), h)
             segm = [[x0, y0, x1, y0, x1, y1, x0, y1]]
-            self.quality.note("repaired", "mask_from_box", example,
-                              f"{label}: no segmentation; its box is used as its mask")
+            self.quality.note(
+                "repaired",
+                "mask_from_box",
+                example,
+                f"{label}: no segmentation; its box is used as its mask",
+            )
         rle = self._rle(segm, h, w)
         area = float(mask_utils.area(rle))
         if area <= 0:
@@ -468,19 +518,34 @@ class CocoInstances:
             drop("box_outside_image", f"bbox {bbox} lies outside its {w}x{h} image")
             return None
         if (x0, y0, x1, y1) != (bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]):
-            self.quality.note("repaired", "box_clipped", example,
-                              f"{label}: bbox {bbox} reaches outside its {w}x{h} image; clipped")
+            self.quality.note(
+                "repaired",
+                "box_clipped",
+                example,
+                f"{label}: bbox {bbox} reaches outside its {w}x{h} image; clipped",
+            )
         given_area = ann.get("area")
-        if isinstance(given_area, (int, float)) and not isinstance(given_area, bool) \
-                and math.isfinite(given_area) and given_area > 0:
+        if (
+            isinstance(given_area, (int, float))
+            and not isinstance(given_area, bool)
+            and math.isfinite(given_area)
+            and given_area > 0
+        ):
             area = float(given_area)
         else:
             self.quality.repaired["area_from_mask"] += 1
-        return {"image_id": image_id, "category_id": cat_id, "iscrowd": crowd,
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area, "segmentation": segm}
+        return {
+            "image_id": image_id,
+            "category_id": cat_id,
+            "iscrowd": crowd,
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "area": area,
+            "segmentation": segm,
+        }
 
-    def _clean_segmentation(self, segm: Any, label: str, example: Any, h: int,
-                            w: int) -> list[list[float]] | dict[str, Any] | None | bool:
+    def _clean_segmentation(
+        self, segm: Any, label: str, example: Any, h: int, w: int
+    ) -> list[list[float]] | dict[str, Any] | None | bool:
         """The segmentation in a form pycocotools decodes safely; None if absent; False: drop."""
         quality = self.quality
         if segm is None or segm == [] or segm == {}:
@@ -488,13 +553,21 @@ class CocoInstances:
         if isinstance(segm, dict):
             return self._clean_rle(segm, label, example, h, w)
         if not isinstance(segm, list):
-            quality.note("dropped", "bad_segmentation", example,
-                         f"{label}: segmentation is a {type(segm).__name__}; dropped")
+            quality.note(
+                "dropped",
+                "bad_segmentation",
+                example,
+                f"{label}: segmentation is a {type(segm).__name__}; dropped",
+            )
             return False
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in segm):
             segm = [segm]
-            quality.note("repaired", "polygon_wrapped", example,
-                         f"{label}: a flat polygon list; read as one polygon")
+            quality.note(
+                "repaired",
+                "polygon_wrapped",
+                example,
+                f"{label}: a flat polygon list; read as one polygon",
+            )
         kept: list[list[float]] = []
         margin = float(max(h, w))
         for part in segm:
@@ -503,27 +576,39 @@ class CocoInstances:
             if coords is None:
                 problem = f"polygon {part!r:.60} is not a list of finite numbers"
             elif len(coords) < 6 or len(coords) % 2:
-                problem = (f"polygon {part!r:.60} has {len(coords)} numbers; a polygon needs an "
-                           "even count of at least 6 (3 points)")
-            elif min(coords[0::2]) < -margin or max(coords[0::2]) > w + margin \
-                    or min(coords[1::2]) < -margin or max(coords[1::2]) > h + margin:
+                problem = (
+                    f"polygon {part!r:.60} has {len(coords)} numbers; a polygon needs an "
+                    "even count of at least 6 (3 points)"
+                )
+            elif (
+                min(coords[0::2]) < -margin
+                or max(coords[0::2]) > w + margin
+                or min(coords[1::2]) < -margin
+                or max(coords[1::2]) > h + margin
+            ):
                 problem = f"polygon reaches far outside its {w}x{h} image"
             if problem is None:
                 kept.append(coords)
             elif len(segm) > 1:
-                quality.note("repaired", "polygon_part_removed", example,
-                             f"{label}: {problem}; that part removed")
+                quality.note(
+                    "repaired",
+                    "polygon_part_removed",
+                    example,
+                    f"{label}: {problem}; that part removed",
+                )
             else:
                 quality.note("dropped", "bad_polygon", example, f"{label}: {problem}; dropped")
                 return False
         if not kept:
-            quality.note("dropped", "bad_polygon", example,
-                         f"{label}: no usable polygon left; dropped")
+            quality.note(
+                "dropped", "bad_polygon", example, f"{label}: no usable polygon left; dropped"
+            )
             return False
         return kept
 
-    def _clean_rle(self, segm: dict[str, Any], label: str, example: Any, h: int,
-                   w: int) -> dict[str, Any] | bool:
+    def _clean_rle(
+        self, segm: dict[str, Any], label: str, example: Any, h: int, w: int
+    ) -> dict[str, Any] | bool:
         def bad(why: str) -> bool:
             self.quality.note("dropped", "bad_rle", example, f"{label}: RLE {why}; dropped")
             return False
@@ -582,12 +667,17 @@ class CocoInstances:
                 load_image(self.image_path(image_id))
                 kept.append(image_id)
             except ImageReadError as err:
-                self._skip_image("image_unreadable", self.coco.imgs[image_id]["file_name"],
-                                 str(err))
+                self._skip_image(
+                    "image_unreadable", self.coco.imgs[image_id]["file_name"], str(err)
+                )
         skipped = len(self.image_ids) - len(kept)
         if skipped:
-            log.warning("%s: skipped %d of %d images that could not be decoded",
-                        self.annotation_file, skipped, len(self.image_ids))
+            log.warning(
+                "%s: skipped %d of %d images that could not be decoded",
+                self.annotation_file,
+                skipped,
+                len(self.image_ids),
+            )
         self.image_ids = kept
         self.quality.images = len(kept)
         if not kept:
@@ -630,8 +720,11 @@ def list_images(folder: Path | str) -> list[Path]:
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.is_file() else "not found"
         raise DatasetError(f"{folder}: image folder {what}")
-    files = sorted(p for p in folder.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and _visible(p, folder))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and _visible(p, folder)
+    )
     if not files:
         raise DatasetError(
             f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)"
@@ -639,8 +732,9 @@ def list_images(folder: Path | str) -> list[Path]:
     return files
 
 
-def read_images(paths: Iterable[Path], strict: bool = False,
-                quality: DataQuality | None = None) -> tuple[list[Path], list[np.ndarray]]:
+def read_images(
+    paths: Iterable[Path], strict: bool = False, quality: DataQuality | None = None
+) -> tuple[list[Path], list[np.ndarray]]:
     """Decode images; unreadable ones are skipped with a warning and counted (or, strict, raise).
 
     Returns the paths that decoded and their HxWx3 uint8 RGB arrays, in order.
@@ -654,13 +748,15 @@ def read_images(paths: Iterable[Path], strict: bool = False,
             kept.append(Path(path))
         except ImageReadError as err:
             if strict:
-                raise DatasetError(f"{err} (strict: stopping; without strict it is skipped)") \
-                    from err
+                raise DatasetError(
+                    f"{err} (strict: stopping; without strict it is skipped)"
+                ) from err
             quality.note("skipped", "image_unreadable", str(path), f"skipping {err}")
     quality.images += len(kept)
     if len(kept) < len(paths):
-        log.warning("skipped %d of %d images that could not be read", len(paths) - len(kept),
-                    len(paths))
+        log.warning(
+            "skipped %d of %d images that could not be read", len(paths) - len(kept), len(paths)
+        )
     if not kept and paths:
         raise DatasetError(f"none of the {len(paths)} images could be read (first: {paths[0]})")
     return kept, arrays

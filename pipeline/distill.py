@@ -383,7 +383,7 @@ def _prepare_batch(run: _Run, step: int) -> tuple[ImageList, list[dict[str, torc
 
 
 def _distill_step(run: _Run, step: int) -> dict[str, float]:
-    """One optimisation step; returns the loss terms and the pseudo-label count."""
+    """One optimisation step; returns the loss terms and the pseudo-labels per image."""
     s, device = run.settings, run.device
     for group in run.optimizer.param_groups:
         group["lr"] = s.lr * lr_factor(step, s.schedule())
@@ -443,7 +443,7 @@ def _distill_step(run: _Run, step: int) -> dict[str, float]:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     values["loss"] = float(loss.detach())
-    values["pseudo_labels"] = float(sum(len(p["boxes"]) for p in pseudo))
+    values["pseudo_labels_per_image"] = sum(len(p["boxes"]) for p in pseudo) / len(pseudo)
     return values
 
 
@@ -460,11 +460,7 @@ def measure_feature_mse(teacher: MaskRCNN, student: MaskRCNN, images: list[np.nd
     try:
         with torch.no_grad():
             tensors = [
-                torch.from_numpy(np.ascontiguousarray(im))
-                .permute(2, 0, 1)
-                .float()
-                .div(255)
-                .to(device)
+                torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div(255).to(device)
                 for im in images
             ]
             batch, _ = student.transform(tensors)
@@ -546,7 +542,9 @@ def _summary(history: list[dict[str, float]], last: int = 20) -> dict[str, float
 
 def _short(summary: dict[str, float]) -> str:
     return " ".join(
-        f"{k.replace('loss_', '')}={v:.3f}" for k, v in summary.items() if k != "pseudo_labels"
+        f"{k.replace('loss_', '')}={v:.3f}"
+        for k, v in summary.items()
+        if k != "pseudo_labels_per_image"
     )
 
 

@@ -15,9 +15,10 @@ from pipeline.errors import ConfigError, GateError
 pytestmark = pytest.mark.slow
 
 
-def _config(demo_data, artifacts: Path, **changes) -> BuildConfig:
+def _config(demo_data, artifacts: Path, teacher: Path, **changes) -> BuildConfig:
     base = dict(
         target="arm64",
+        checkpoint=teacher,
         train_coco=demo_data["train"] / "annotations.json",
         train_images=demo_data["train"] / "images",
         calib_images=demo_data["calib"] / "images",
@@ -34,9 +35,14 @@ def _config(demo_data, artifacts: Path, **changes) -> BuildConfig:
 
 
 @pytest.fixture(scope="module")
-def built(demo_data, tmp_path_factory):
+def teacher(demo_teacher) -> Path:
+    return demo_teacher.path
+
+
+@pytest.fixture(scope="module")
+def built(demo_data, teacher, tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("artifacts")
-    manifest = run_build(_config(demo_data, artifacts))
+    manifest = run_build(_config(demo_data, artifacts, teacher))
     return artifacts, manifest
 
 
@@ -70,19 +76,19 @@ def test_tarball_holds_the_bundle(built):
     assert "maskedge-arm64/models/int8/backbone.onnx" in names
 
 
-def test_second_build_reuses_cached_stages(built, demo_data, caplog):
+def test_second_build_reuses_cached_stages(built, demo_data, teacher, caplog):
     artifacts, _ = built
     with caplog.at_level("INFO"):
-        manifest = run_build(_config(demo_data, artifacts))
+        manifest = run_build(_config(demo_data, artifacts, teacher))
     for stage in ("distill", "export", "quantize"):
         assert manifest["stages"][stage]["cached"] is True, stage
     assert "reused from cache" in caplog.text
 
 
-def test_impossible_parity_budget_fails_and_marks_nothing_passed(built, demo_data):
+def test_impossible_parity_budget_fails_and_marks_nothing_passed(built, demo_data, teacher):
     artifacts, _ = built
     with pytest.raises(GateError, match="mask_ap_drop"):
-        run_build(_config(demo_data, artifacts, parity_budget=-1.0))
+        run_build(_config(demo_data, artifacts, teacher, parity_budget=-1.0))
     manifest = json.loads((artifacts / "arm64" / "manifest.json").read_text())
     assert manifest["status"] == "failed"
     assert manifest["gate"]["passed"] is False
@@ -90,7 +96,8 @@ def test_impossible_parity_budget_fails_and_marks_nothing_passed(built, demo_dat
     assert "FAIL" in (artifacts / "arm64" / "report.md").read_text()
 
 
-def test_interrupted_build_leaves_no_half_written_bundle(demo_data, tmp_path, monkeypatch):
+def test_interrupted_build_leaves_no_half_written_bundle(demo_data, teacher, tmp_path,
+                                                        monkeypatch):
     import pipeline.build as build
 
     def boom(*args, **kwargs):
@@ -98,11 +105,11 @@ def test_interrupted_build_leaves_no_half_written_bundle(demo_data, tmp_path, mo
 
     monkeypatch.setattr(build, "_stage_parity", boom)
     with pytest.raises(KeyboardInterrupt):
-        run_build(_config(demo_data, tmp_path))
+        run_build(_config(demo_data, tmp_path, teacher))
     assert not (tmp_path / "arm64").exists()
     assert not list(tmp_path.glob(".staging-*"))
 
 
 def test_val_options_must_come_together(demo_data, tmp_path):
     with pytest.raises(ConfigError, match="--val-coco and --val-images"):
-        _config(demo_data, tmp_path, val_images=None)
+        _config(demo_data, tmp_path, Path("teacher.pt"), val_images=None)

@@ -101,8 +101,9 @@ def resnet18_state() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
 # -- B16, B17: wrapped, prefixed torchvision checkpoints -------------------------------------------
 
 
-def test_b16_module_prefix_stripped(resnet50_checkpoint: tuple[Path, dict],
-                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_b16_module_prefix_stripped(
+    resnet50_checkpoint: tuple[Path, dict], caplog: pytest.LogCaptureFixture
+) -> None:
     """B16: keys all start with ``module.``: stripped (logged), then loaded strictly."""
     path, expected = resnet50_checkpoint
     with caplog.at_level(logging.INFO, logger="pipeline.checkpoint"):
@@ -131,8 +132,9 @@ def test_b17_num_classes_read_from_predictor(resnet50_checkpoint: tuple[Path, di
     assert loaded.label_to_cat == {1: 1, 2: 2, 3: 3, 4: 4}
 
 
-def test_b17_num_classes_mismatch_gives_both_numbers(tmp_path: Path,
-                                                     resnet18_state: tuple[dict, dict]) -> None:
+def test_b17_num_classes_mismatch_gives_both_numbers(
+    tmp_path: Path, resnet18_state: tuple[dict, dict]
+) -> None:
     """B17: trained with 3 classes while the config says 91: stop, naming 3 and 91."""
     state, _ = resnet18_state
     opt = {"state": {}, "param_groups": [{"lr": 0.02, "params": [0, 1]}]}
@@ -149,13 +151,14 @@ def test_b17_num_classes_mismatch_gives_both_numbers(tmp_path: Path,
     assert load_checkpoint(path, num_classes=3, min_size=SIZE, max_size=SIZE).num_classes == 3
 
 
-# -- every architecture family, read from the weights alone ---------------------------------------
+# -- every architecture family, read from the weights alone ----------------------------------------
 
 
 def _mobilenet_fpn() -> MaskRCNN:
     torch.manual_seed(0)
-    backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", fpn=True, weights=None,
-                                  trainable_layers=3)
+    backbone = mobilenet_backbone(
+        backbone_name="mobilenet_v3_large", fpn=True, weights=None, trainable_layers=3
+    )
     anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
     return MaskRCNN(backbone, num_classes=4, rpn_anchor_generator=anchors)
 
@@ -167,20 +170,25 @@ def _resnet50_v2() -> MaskRCNN:
 
 def _resnet34_fpn_three_levels() -> MaskRCNN:
     torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet34", weights=None, trainable_layers=3,
-                                   returned_layers=[2, 3, 4])
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet34", weights=None, trainable_layers=3, returned_layers=[2, 3, 4]
+    )
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,)), ((0.5, 1.0, 2.0),) * 4)
     return MaskRCNN(backbone, num_classes=6, rpn_anchor_generator=anchors)
 
 
-@pytest.mark.parametrize(("build", "arch", "num_classes"), [
-    (_resnet50_v2, "maskrcnn_resnet50_fpn_v2", 7),
-    (_mobilenet_fpn, "maskrcnn_mobilenet_v3_large_fpn", 4),
-    (_resnet34_fpn_three_levels, "maskrcnn_resnet34_fpn", 6),
-    (_resnet18_fpn, "maskrcnn_resnet18_fpn", 3),
-])
-def test_torchvision_layouts_are_read_from_weights(tmp_path: Path, build: Callable[[], MaskRCNN],
-                                                   arch: str, num_classes: int) -> None:
+@pytest.mark.parametrize(
+    ("build", "arch", "num_classes"),
+    [
+        (_resnet50_v2, "maskrcnn_resnet50_fpn_v2", 7),
+        (_mobilenet_fpn, "maskrcnn_mobilenet_v3_large_fpn", 4),
+        (_resnet34_fpn_three_levels, "maskrcnn_resnet34_fpn", 6),
+        (_resnet18_fpn, "maskrcnn_resnet18_fpn", 3),
+    ],
+)
+def test_torchvision_layouts_are_read_from_weights(
+    tmp_path: Path, build: Callable[[], MaskRCNN], arch: str, num_classes: int
+) -> None:
     model = build()
     path = _save(model.state_dict(), tmp_path / "weights.pt")
     expected = _detect(_at_size(model))
@@ -214,10 +222,15 @@ def test_legacy_torchvision_key_names(tmp_path: Path, resnet18_state: tuple[dict
     state, expected = resnet18_state
     legacy = {}
     for key, value in state.items():
-        key = key.replace("inner_blocks.0.0.", "inner_blocks.0.").replace(
-            "layer_blocks.3.0.", "layer_blocks.3.").replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        key = (
+            key.replace("inner_blocks.0.0.", "inner_blocks.0.")
+            .replace("layer_blocks.3.0.", "layer_blocks.3.")
+            .replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        )
         for i in range(4):
-            key = key.replace(f"roi_heads.mask_head.{i}.0.", f"roi_heads.mask_head.mask_fcn{i + 1}.")
+            key = key.replace(
+                f"roi_heads.mask_head.{i}.0.", f"roi_heads.mask_head.mask_fcn{i + 1}."
+            )
         legacy[key] = value
     assert "roi_heads.mask_head.mask_fcn1.weight" in legacy and "rpn.head.conv.weight" in legacy
 
@@ -226,7 +239,7 @@ def test_legacy_torchvision_key_names(tmp_path: Path, resnet18_state: tuple[dict
     _assert_same_detections(_detect(loaded.model), expected)
 
 
-# -- maskedge's own architectures and format ------------------------------------------------------
+# -- maskedge's own architectures and format -------------------------------------------------------
 
 
 def test_maskedge_checkpoint_format_round_trip(tmp_path: Path) -> None:
@@ -236,8 +249,15 @@ def test_maskedge_checkpoint_format_round_trip(tmp_path: Path) -> None:
     spec = teacher_spec(num_classes=4).with_(image_size=SIZE)
     model = build_model(spec).eval()
     path = tmp_path / "teacher.pt"
-    save_checkpoint(model, spec, ["disk", "block", "wedge"], [11, 12, 13], path, fp16=False,
-                    extra={"metadata": {"val_metrics": {"mask_ap50": 0.5}}})
+    save_checkpoint(
+        model,
+        spec,
+        ["disk", "block", "wedge"],
+        [11, 12, 13],
+        path,
+        fp16=False,
+        extra={"metadata": {"val_metrics": {"mask_ap50": 0.5}}},
+    )
 
     loaded = load_checkpoint(path)
 
@@ -262,8 +282,9 @@ def test_arch_option_chooses_between_readings(tmp_path: Path) -> None:
     path = _save(model.state_dict(), tmp_path / "plain.pt")
 
     default = load_checkpoint(path, min_size=SIZE)
-    as_torchvision = load_checkpoint(path, arch="maskrcnn_resnet18_fpn", min_size=SIZE,
-                                     max_size=SIZE)
+    as_torchvision = load_checkpoint(
+        path, arch="maskrcnn_resnet18_fpn", min_size=SIZE, max_size=SIZE
+    )
 
     assert default.arch == "maskedge_resnet18"
     assert default.spec is not None and default.spec.image_size == SIZE
@@ -281,8 +302,9 @@ def _student_state(seed: int) -> dict[str, torch.Tensor]:
     return build_model(student_spec(num_classes=3, image_size=SIZE)).state_dict()
 
 
-@pytest.mark.parametrize("prefixes", [["_orig_mod."], ["model."], ["module.", "_orig_mod."],
-                                      ["detector."]])
+@pytest.mark.parametrize(
+    "prefixes", [["_orig_mod."], ["model."], ["module.", "_orig_mod."], ["detector."]]
+)
 def test_wrapper_prefixes_stripped(tmp_path: Path, prefixes: list[str]) -> None:
     """torch.compile, Lightning, DDP around compile, and a user's own wrapper module."""
     state = _student_state(0)
@@ -312,7 +334,7 @@ def test_ema_weights_preferred(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     assert not torch.equal(loaded.model.state_dict()[key], live[key])
 
 
-# -- B18, B19: pickles ------------------------------------------------------------------------------
+# -- B18, B19: pickles -----------------------------------------------------------------------------
 
 
 def _init_teacher_net(self: nn.Module) -> None:
@@ -320,11 +342,13 @@ def _init_teacher_net(self: nn.Module) -> None:
     self.detector = build_model(student_spec(num_classes=3, image_size=SIZE))
 
 
-def test_b18_whole_model_from_training_script(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_b18_whole_model_from_training_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """B18: ``torch.save(model)`` where the class lived in the training script's ``__main__``."""
-    teacher_net = type("TeacherNet", (nn.Module,), {"__init__": _init_teacher_net,
-                                                     "__module__": "__main__"})
+    teacher_net = type(
+        "TeacherNet", (nn.Module,), {"__init__": _init_teacher_net, "__module__": "__main__"}
+    )
     path = tmp_path / "whole.pt"
     with monkeypatch.context() as patch:  # as if defined in the script that ran torch.save
         patch.setattr(sys.modules["__main__"], "TeacherNet", teacher_net, raising=False)
@@ -348,8 +372,9 @@ def test_b18_whole_torchvision_model_needs_trust(tmp_path: Path) -> None:
     torch.manual_seed(0)
     anchors = AnchorGenerator(((16,), (40,), (80,), (160,), (320,)), ((0.5, 1.0, 2.0),) * 5)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
-    model = MaskRCNN(backbone, num_classes=3, rpn_anchor_generator=anchors, min_size=160,
-                     max_size=192).eval()
+    model = MaskRCNN(
+        backbone, num_classes=3, rpn_anchor_generator=anchors, min_size=160, max_size=192
+    ).eval()
     path = _save(model, tmp_path / "whole_tv.pt")
 
     with pytest.raises(CheckpointError) as err:
@@ -401,16 +426,25 @@ def test_b19_extra_python_objects_need_explicit_opt_in(tmp_path: Path) -> None:
     assert loaded.metadata["checkpoint_fields"]["epoch"] == 2
 
 
-def test_b19_reference_script_checkpoint_loads_weights_only(tmp_path: Path,
-                                                            resnet18_state: tuple[dict, dict]
-                                                            ) -> None:
+def test_b19_reference_script_checkpoint_loads_weights_only(
+    tmp_path: Path, resnet18_state: tuple[dict, dict]
+) -> None:
     """torchvision's reference train.py stores ``args`` (a Namespace) beside the weights; plain
     data like that, pathlib paths and numpy scalars pass weights-only loading."""
     state, expected = resnet18_state
     args = argparse.Namespace(lr=0.02, epochs=26, output_dir=Path("runs/x"), data_path="/coco")
-    path = _save({"model": state, "optimizer": {"state": {}, "param_groups": []},
-                  "lr_scheduler": {"milestones": {16: 1}}, "args": args, "epoch": 25,
-                  "best_map": np.float64(0.31), "history": np.zeros(3)}, tmp_path / "ref.pth")
+    path = _save(
+        {
+            "model": state,
+            "optimizer": {"state": {}, "param_groups": []},
+            "lr_scheduler": {"milestones": {16: 1}},
+            "args": args,
+            "epoch": 25,
+            "best_map": np.float64(0.31),
+            "history": np.zeros(3),
+        },
+        tmp_path / "ref.pth",
+    )
 
     loaded = load_checkpoint(path, min_size=SIZE, max_size=SIZE)
 
@@ -434,8 +468,11 @@ def test_torchscript_archive_needs_trust(tmp_path: Path) -> None:
 
 
 def _coco_categories(path: Path, cats: list[tuple[int, str]]) -> Path:
-    path.write_text(json.dumps({"images": [], "annotations": [],
-                                "categories": [{"id": c, "name": n} for c, n in cats]}))
+    path.write_text(
+        json.dumps(
+            {"images": [], "annotations": [], "categories": [{"id": c, "name": n} for c, n in cats]}
+        )
+    )
     return path
 
 
@@ -456,10 +493,13 @@ def test_class_names_from_checkpoint(three_class_checkpoint: Path) -> None:
     assert loaded.metadata["loaded_as"]["class_names_from"] == "checkpoint"
 
 
-@pytest.mark.parametrize(("option", "names"), [
-    (["__background__", "a", "b", "c"], ["a", "b", "c"]),
-    ("a, b ,c", ["a", "b", "c"]),
-])
+@pytest.mark.parametrize(
+    ("option", "names"),
+    [
+        (["__background__", "a", "b", "c"], ["a", "b", "c"]),
+        ("a, b ,c", ["a", "b", "c"]),
+    ],
+)
 def test_class_names_option(three_class_checkpoint: Path, option: Any, names: list[str]) -> None:
     loaded = load_checkpoint(three_class_checkpoint, class_names=option)
     assert loaded.class_names == names
@@ -470,11 +510,15 @@ def test_class_names_from_text_file(three_class_checkpoint: Path, tmp_path: Path
     names = tmp_path / "classes.txt"
     names.write_text("cat\n\ndog\nbird\n")
     assert load_checkpoint(three_class_checkpoint, class_names=names).class_names == [
-        "cat", "dog", "bird"]
+        "cat",
+        "dog",
+        "bird",
+    ]
 
 
-def test_class_names_from_coco_keep_category_ids(three_class_checkpoint: Path,
-                                                 tmp_path: Path) -> None:
+def test_class_names_from_coco_keep_category_ids(
+    three_class_checkpoint: Path, tmp_path: Path
+) -> None:
     """Predictions must map back to the user's own (sparse) category ids."""
     coco = _coco_categories(tmp_path / "train.json", [(17, "cat"), (3, "dog"), (44, "bird")])
     loaded = load_checkpoint(three_class_checkpoint, class_names=coco)
@@ -501,7 +545,7 @@ def test_class_names_count_mismatch_gives_both_numbers(three_class_checkpoint: P
     assert "2 class names" in str(err.value) and "predict 3 classes" in str(err.value)
 
 
-# -- what is not a usable checkpoint -----------------------------------------------------------------
+# -- what is not a usable checkpoint ---------------------------------------------------------------
 
 
 def _faster_rcnn_state(tmp_path: Path) -> Path:
@@ -521,22 +565,30 @@ def _truncated(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("make", "expected"), [
-    (lambda p: p / "missing.pt", "checkpoint file not found"),
-    (lambda p: p, "is a folder"),
-    (lambda p: _write(p / "empty.pt", b""), "not a readable PyTorch"),
-    (lambda p: _write(p / "rand.pt", bytes(range(256)) * 8), "not a readable PyTorch"),
-    (_truncated, "not a readable PyTorch"),
-    (lambda p: _save({"epoch": 3, "optimizer": {}}, p / "noweights.pt"),
-     "a dict without model weights"),
-    (lambda p: _save({"fc.weight": torch.zeros(2, 2)}, p / "cls.pt"), "not a Mask R-CNN"),
-    (_faster_rcnn_state, "Faster R-CNN"),
-    (lambda p: _write(p / "w.safetensors", b'\x10\0\0\0\0\0\0\0{"a": 1}       '),
-     "safetensors"),
-    (lambda p: _save([torch.zeros(1)], p / "list.pt"), "holds a list"),
-])
-def test_unusable_files_get_one_clear_error(tmp_path: Path, make: Callable[[Path], Path],
-                                            expected: str) -> None:
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p / "missing.pt", "checkpoint file not found"),
+        (lambda p: p, "is a folder"),
+        (lambda p: _write(p / "empty.pt", b""), "not a readable PyTorch"),
+        (lambda p: _write(p / "rand.pt", bytes(range(256)) * 8), "not a readable PyTorch"),
+        (_truncated, "not a readable PyTorch"),
+        (
+            lambda p: _save({"epoch": 3, "optimizer": {}}, p / "noweights.pt"),
+            "a dict without model weights",
+        ),
+        (lambda p: _save({"fc.weight": torch.zeros(2, 2)}, p / "cls.pt"), "not a Mask R-CNN"),
+        (_faster_rcnn_state, "Faster R-CNN"),
+        (
+            lambda p: _write(p / "w.safetensors", b'\x10\0\0\0\0\0\0\0{"a": 1}       '),
+            "safetensors",
+        ),
+        (lambda p: _save([torch.zeros(1)], p / "list.pt"), "holds a list"),
+    ],
+)
+def test_unusable_files_get_one_clear_error(
+    tmp_path: Path, make: Callable[[Path], Path], expected: str
+) -> None:
     path = make(tmp_path)
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)

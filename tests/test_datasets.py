@@ -30,14 +30,28 @@ def _rect(x0: float, y0: float, x1: float, y1: float) -> list[float]:
     return [x0, y0, x1, y0, x1, y1, x0, y1]
 
 
-def _ann(ann_id: int, image_id: int = 1, bbox: list[float] | None = None,
-         segmentation: Any = None, category_id: int = 1, **extra: Any) -> dict[str, Any]:
+def _ann(
+    ann_id: int,
+    image_id: int = 1,
+    bbox: list[float] | None = None,
+    segmentation: Any = None,
+    category_id: int = 1,
+    **extra: Any,
+) -> dict[str, Any]:
     bbox = bbox if bbox is not None else [10, 10, 20, 10]
     x, y, w, h = bbox
     if segmentation is None:
         segmentation = [_rect(x, y, x + w, y + h)]
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
-            "segmentation": segmentation, "area": float(w * h), "iscrowd": 0, **extra}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": bbox,
+        "segmentation": segmentation,
+        "area": float(w * h),
+        "iscrowd": 0,
+        **extra,
+    }
 
 
 def _write_image(path: Path, width: int = W, height: int = H, seed: int = 0) -> None:
@@ -45,8 +59,13 @@ def _write_image(path: Path, width: int = W, height: int = H, seed: int = 0) -> 
     Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
 
 
-def _coco(root: Path, annotations: list[Any], images: list[Any] | None = None,
-          categories: list[Any] | None = None, **top: Any) -> tuple[Path, Path]:
+def _coco(
+    root: Path,
+    annotations: list[Any],
+    images: list[Any] | None = None,
+    categories: list[Any] | None = None,
+    **top: Any,
+) -> tuple[Path, Path]:
     """Write an annotation file and its image folder (images 1 and 2, 64x48, by default)."""
     image_dir = root / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -58,18 +77,23 @@ def _coco(root: Path, annotations: list[Any], images: list[Any] | None = None,
             if not file.exists():
                 file.parent.mkdir(parents=True, exist_ok=True)
                 _write_image(file, seed=i)
-    data = {"images": images, "annotations": annotations,
-            "categories": CATEGORIES if categories is None else categories, **top}
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": CATEGORIES if categories is None else categories,
+        **top,
+    }
     ann_file = root / "annotations.json"
     ann_file.write_text(json.dumps(data))
     return ann_file, image_dir
 
 
-# -- B20 ------------------------------------------------------------------------------------------
+# -- B20 -------------------------------------------------------------------------------------------
 
 
 def test_b20_polygon_of_two_points_dropped_naming_the_annotation(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """B20: a polygon of exactly 4 numbers, which pycocotools would read as a box."""
     anns = [_ann(1), _ann(42, segmentation=[[10, 10, 30, 20]]), _ann(3, image_id=2)]
     with caplog.at_level(logging.WARNING, logger="pipeline.datasets"):
@@ -99,7 +123,7 @@ def test_flat_polygon_list_is_wrapped(tmp_path: Path) -> None:
     assert data.target(1)["masks"].sum() > 0
 
 
-# -- B23 ------------------------------------------------------------------------------------------
+# -- B23 -------------------------------------------------------------------------------------------
 
 
 def test_b23_xywh_converted_to_xyxy_once(tmp_path: Path) -> None:
@@ -114,11 +138,14 @@ def test_b23_xywh_converted_to_xyxy_once(tmp_path: Path) -> None:
     np.testing.assert_array_equal(data.target(1)["boxes"], target["boxes"])  # no drift
 
 
-def test_b23_boxes_outside_the_image_clipped_or_dropped(tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-    anns = [_ann(1, bbox=[50, 40, 30, 30], segmentation=[_rect(50, 40, 63, 47)]),
-            _ann(2, bbox=[-5, -5, 10, 10], segmentation=[_rect(0, 0, 5, 5)]),
-            _ann(3, bbox=[100, 100, 10, 10], segmentation=[_rect(60, 44, 63, 47)])]
+def test_b23_boxes_outside_the_image_clipped_or_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    anns = [
+        _ann(1, bbox=[50, 40, 30, 30], segmentation=[_rect(50, 40, 63, 47)]),
+        _ann(2, bbox=[-5, -5, 10, 10], segmentation=[_rect(0, 0, 5, 5)]),
+        _ann(3, bbox=[100, 100, 10, 10], segmentation=[_rect(60, 44, 63, 47)]),
+    ]
     with caplog.at_level(logging.WARNING, logger="pipeline.datasets"):
         data = CocoInstances(*_coco(tmp_path, anns))
 
@@ -126,21 +153,28 @@ def test_b23_boxes_outside_the_image_clipped_or_dropped(tmp_path: Path,
     np.testing.assert_array_equal(boxes, np.array([[50, 40, 64, 48], [0, 0, 5, 5]], np.float32))
     assert data.quality.repaired["box_clipped"] == 2
     assert data.quality.dropped == {"box_outside_image": 1}
-    assert "annotation 1: bbox [50.0, 40.0, 30.0, 30.0] reaches outside its 64x48 image" \
-        in caplog.text
+    assert (
+        "annotation 1: bbox [50.0, 40.0, 30.0, 30.0] reaches outside its 64x48 image" in caplog.text
+    )
 
 
-# -- B24 ------------------------------------------------------------------------------------------
+# -- B24 -------------------------------------------------------------------------------------------
 
 
-def test_b24_zero_size_boxes_dropped_before_training(tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_b24_zero_size_boxes_dropped_before_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """B24: zero width or height: dropped with a warning and a count, and losses stay finite."""
     from pipeline.models import build_model, student_spec
     from pipeline.train import load_batch
 
-    anns = [_ann(1), _ann(2, bbox=[10, 10, 0, 5]), _ann(3, bbox=[10, 10, 5, 0]),
-            _ann(4, image_id=2, bbox=[3, 3, -4, 6]), _ann(5, image_id=2, bbox=[30, 20, 12, 12])]
+    anns = [
+        _ann(1),
+        _ann(2, bbox=[10, 10, 0, 5]),
+        _ann(3, bbox=[10, 10, 5, 0]),
+        _ann(4, image_id=2, bbox=[3, 3, -4, 6]),
+        _ann(5, image_id=2, bbox=[30, 20, 12, 12]),
+    ]
     with caplog.at_level(logging.WARNING, logger="pipeline.datasets"):
         data = CocoInstances(*_coco(tmp_path, anns))
 
@@ -164,7 +198,7 @@ def test_b24_zero_size_boxes_dropped_before_training(tmp_path: Path,
     assert all(bool(torch.isfinite(v)) for v in losses.values())
 
 
-# -- B25 ------------------------------------------------------------------------------------------
+# -- B25 -------------------------------------------------------------------------------------------
 
 
 def test_b25_images_without_annotations_are_negatives(tmp_path: Path) -> None:
@@ -219,7 +253,7 @@ def test_empty_or_missing_folder_is_an_error(tmp_path: Path) -> None:
         list_images(tmp_path / "missing")
 
 
-# -- B26 ------------------------------------------------------------------------------------------
+# -- B26 -------------------------------------------------------------------------------------------
 
 
 def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
@@ -245,14 +279,18 @@ def crowd_set(tmp_path: Path) -> tuple[CocoInstances, np.ndarray, np.ndarray]:
     obj = np.zeros((H, W), np.uint8)
     obj[4:20, 4:24] = 1
     rle = mask_utils.encode(np.asfortranarray(obj))
-    anns = [_ann(1, bbox=[4, 4, 20, 16], segmentation={"size": [H, W],
-                                                         "counts": rle["counts"].decode()}),
-            _ann(2, bbox=[36, 28, 24, 16], segmentation=_uncompressed_rle(crowd), iscrowd=1)]
+    anns = [
+        _ann(
+            1, bbox=[4, 4, 20, 16], segmentation={"size": [H, W], "counts": rle["counts"].decode()}
+        ),
+        _ann(2, bbox=[36, 28, 24, 16], segmentation=_uncompressed_rle(crowd), iscrowd=1),
+    ]
     return CocoInstances(*_coco(tmp_path, anns)), obj, crowd
 
 
 def test_b26_crowd_uncompressed_rle_decoded_and_not_a_training_target(
-        crowd_set: tuple[CocoInstances, np.ndarray, np.ndarray]) -> None:
+    crowd_set: tuple[CocoInstances, np.ndarray, np.ndarray],
+) -> None:
     """B26: ``iscrowd: 1`` with ``counts`` a list: decoded by pycocotools, never a target."""
     data, obj, crowd = crowd_set
 
@@ -266,40 +304,48 @@ def test_b26_crowd_uncompressed_rle_decoded_and_not_a_training_target(
 
 
 def test_b26_crowd_regions_are_ignored_by_evaluation(
-        crowd_set: tuple[CocoInstances, np.ndarray, np.ndarray]) -> None:
+    crowd_set: tuple[CocoInstances, np.ndarray, np.ndarray],
+) -> None:
     """A crowd region is neither a missed object nor a false positive when detected."""
     from pipeline.evaluate import evaluate_coco
 
     data, obj, crowd = crowd_set
 
     def detections(*items: tuple[list[float], float, np.ndarray]) -> Detections:
-        return Detections(np.array([b for b, _, _ in items], np.float32),
-                          np.array([s for _, s, _ in items], np.float32),
-                          np.ones(len(items), np.int64),
-                          np.stack([m.astype(np.float32) for _, _, m in items]))
+        return Detections(
+            np.array([b for b, _, _ in items], np.float32),
+            np.array([s for _, s, _ in items], np.float32),
+            np.ones(len(items), np.int64),
+            np.stack([m.astype(np.float32) for _, _, m in items]),
+        )
 
-    only_object = evaluate_coco(lambda image: detections(([4, 4, 24, 20], 0.9, obj)), data,
-                                limit=1)
-    crowd_first = evaluate_coco(lambda image: detections(([36, 28, 60, 44], 0.95, crowd),
-                                                         ([4, 4, 24, 20], 0.9, obj)), data,
-                                limit=1)
+    only_object = evaluate_coco(lambda image: detections(([4, 4, 24, 20], 0.9, obj)), data, limit=1)
+    crowd_first = evaluate_coco(
+        lambda image: detections(([36, 28, 60, 44], 0.95, crowd), ([4, 4, 24, 20], 0.9, obj)),
+        data,
+        limit=1,
+    )
 
     for metrics in (only_object, crowd_first):
         assert metrics["box_ap"] == pytest.approx(1.0)
         assert metrics["mask_ap"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(("segmentation", "why"), [
-    ({"size": [H, W], "counts": [10, 5]}, "runs add up to 15"),
-    ({"size": [H, W], "counts": [H * W - 5, 10]}, "runs add up to"),
-    ({"size": [H, W], "counts": "1"}, "runs add up to"),
-    ({"size": [H, W], "counts": "\x7f\x7f"}, "not a compressed COCO RLE"),
-    ({"size": [10, 10], "counts": [100]}, "is not its image's"),
-    ({"size": [H, W], "counts": [-1, H * W + 1]}, "non-negative"),
-    ({"size": [H, W], "counts": None}, "counts is a NoneType"),
-])
-def test_malformed_rle_dropped_not_decoded(tmp_path: Path, segmentation: dict[str, Any],
-                                           why: str, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("segmentation", "why"),
+    [
+        ({"size": [H, W], "counts": [10, 5]}, "runs add up to 15"),
+        ({"size": [H, W], "counts": [H * W - 5, 10]}, "runs add up to"),
+        ({"size": [H, W], "counts": "1"}, "runs add up to"),
+        ({"size": [H, W], "counts": "\x7f\x7f"}, "not a compressed COCO RLE"),
+        ({"size": [10, 10], "counts": [100]}, "is not its image's"),
+        ({"size": [H, W], "counts": [-1, H * W + 1]}, "non-negative"),
+        ({"size": [H, W], "counts": None}, "counts is a NoneType"),
+    ],
+)
+def test_malformed_rle_dropped_not_decoded(
+    tmp_path: Path, segmentation: dict[str, Any], why: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """pycocotools would decode short runs into uninitialised memory, or overrun the mask."""
     with caplog.at_level(logging.WARNING, logger="pipeline.datasets"):
         data = CocoInstances(*_coco(tmp_path, [_ann(1), _ann(9, segmentation=segmentation)]))
@@ -326,8 +372,14 @@ def test_annotation_fields_repaired_or_dropped(tmp_path: Path) -> None:
     data = CocoInstances(*_coco(tmp_path, anns))
 
     q = data.quality
-    assert q.dropped == {"unknown_category": 1, "unknown_image": 1, "bad_bbox": 2,
-                         "bad_polygon": 1, "malformed_annotation": 1, "no_box_or_mask": 1}
+    assert q.dropped == {
+        "unknown_category": 1,
+        "unknown_image": 1,
+        "bad_bbox": 2,
+        "bad_polygon": 1,
+        "malformed_annotation": 1,
+        "no_box_or_mask": 1,
+    }
     assert q.repaired["bbox_from_mask"] == 1 and q.repaired["mask_from_box"] == 1
     assert q.repaired["annotation_id_assigned"] == 2
     assert q.repaired["area_from_mask"] == 2
@@ -337,24 +389,36 @@ def test_annotation_fields_repaired_or_dropped(tmp_path: Path) -> None:
     assert from_mask == pytest.approx([10, 10, 20, 10], abs=1)
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "the top level is a JSON list"),
-    (json.dumps({"annotations": [], "categories": CATEGORIES}), "no 'images' list"),
-    (json.dumps({"images": {}, "categories": CATEGORIES}), "'images' is a dict"),
-    (json.dumps({"images": [{"file_name": "a.png"}], "categories": CATEGORIES}),
-     "images[0] has no integer 'id'"),
-    (json.dumps({"images": [{"id": 1, "file_name": "img1.png"}] * 2, "categories": CATEGORIES}),
-     "image id 1 appears twice"),
-    (json.dumps({"images": [{"id": 1}], "categories": CATEGORIES}), "no 'file_name'"),
-    (json.dumps({"images": [], "annotations": []}), "no 'categories' list"),
-    (json.dumps({"images": [], "categories": [{"id": "1", "name": "a"}]}),
-     "categories[0] has no integer 'id'"),
-    (json.dumps({"images": [], "categories": []}), "'categories' is empty"),
-    (json.dumps({"images": [], "categories": CATEGORIES}), "no usable images"),
-])
-def test_malformed_files_name_the_file_and_the_problem(tmp_path: Path, content: str,
-                                                       expected: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "the top level is a JSON list"),
+        (json.dumps({"annotations": [], "categories": CATEGORIES}), "no 'images' list"),
+        (json.dumps({"images": {}, "categories": CATEGORIES}), "'images' is a dict"),
+        (
+            json.dumps({"images": [{"file_name": "a.png"}], "categories": CATEGORIES}),
+            "images[0] has no integer 'id'",
+        ),
+        (
+            json.dumps(
+                {"images": [{"id": 1, "file_name": "img1.png"}] * 2, "categories": CATEGORIES}
+            ),
+            "image id 1 appears twice",
+        ),
+        (json.dumps({"images": [{"id": 1}], "categories": CATEGORIES}), "no 'file_name'"),
+        (json.dumps({"images": [], "annotations": []}), "no 'categories' list"),
+        (
+            json.dumps({"images": [], "categories": [{"id": "1", "name": "a"}]}),
+            "categories[0] has no integer 'id'",
+        ),
+        (json.dumps({"images": [], "categories": []}), "'categories' is empty"),
+        (json.dumps({"images": [], "categories": CATEGORIES}), "no usable images"),
+    ],
+)
+def test_malformed_files_name_the_file_and_the_problem(
+    tmp_path: Path, content: str, expected: str
+) -> None:
     ann_file, image_dir = _coco(tmp_path, [])
     ann_file.write_text(content)
     with pytest.raises(DatasetError) as err:
@@ -364,8 +428,10 @@ def test_malformed_files_name_the_file_and_the_problem(tmp_path: Path, content: 
 
 
 def test_utf8_bom_and_missing_sizes_are_fine(tmp_path: Path) -> None:
-    images = [{"id": 1, "file_name": "img1.png"}, {"id": 2, "file_name": "img2.png",
-                                                    "width": None, "height": "48"}]
+    images = [
+        {"id": 1, "file_name": "img1.png"},
+        {"id": 2, "file_name": "img2.png", "width": None, "height": "48"},
+    ]
     ann_file, image_dir = _coco(tmp_path, [_ann(1)], images=images)
     ann_file.write_bytes(b"\xef\xbb\xbf" + ann_file.read_bytes())
 
@@ -375,14 +441,16 @@ def test_utf8_bom_and_missing_sizes_are_fine(tmp_path: Path) -> None:
     assert data.quality.repaired["image_size_from_file"] == 2
 
 
-def test_missing_unreadable_and_mismatched_images_skipped(tmp_path: Path,
-                                                          caplog: pytest.LogCaptureFixture
-                                                          ) -> None:
-    images = [{"id": 1, "file_name": "img1.png", "width": W, "height": H},
-              {"id": 2, "file_name": "gone.png", "width": W, "height": H},
-              {"id": 3, "file_name": "text.png", "width": W, "height": H},
-              {"id": 4, "file_name": "rot.png", "width": H, "height": W},
-              {"id": 5, "file_name": "train2017/img5.png", "width": W, "height": H}]
+def test_missing_unreadable_and_mismatched_images_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    images = [
+        {"id": 1, "file_name": "img1.png", "width": W, "height": H},
+        {"id": 2, "file_name": "gone.png", "width": W, "height": H},
+        {"id": 3, "file_name": "text.png", "width": W, "height": H},
+        {"id": 4, "file_name": "rot.png", "width": H, "height": W},
+        {"id": 5, "file_name": "train2017/img5.png", "width": W, "height": H},
+    ]
     ann_file, image_dir = _coco(tmp_path, [_ann(1), _ann(2, image_id=2)], images=images[:1])
     (image_dir / "text.png").write_text("this is not a PNG")
     _write_image(image_dir / "rot.png")
@@ -395,8 +463,7 @@ def test_missing_unreadable_and_mismatched_images_skipped(tmp_path: Path,
         data = CocoInstances(ann_file, image_dir)
 
     assert data.image_ids == [1, 5]
-    assert data.quality.skipped == {"image_missing": 1, "image_unreadable": 1,
-                                    "size_mismatch": 1}
+    assert data.quality.skipped == {"image_missing": 1, "image_unreadable": 1, "size_mismatch": 1}
     assert data.quality.images_skipped == 3
     assert data.quality.dropped == {"unknown_image": 1}  # the annotation of the missing image
     assert data.quality.repaired["file_name_by_base_name"] == 1
@@ -440,16 +507,25 @@ def test_category_ids_of_a_model_give_the_labels(tmp_path: Path) -> None:
 
 
 def test_quality_report_structure(tmp_path: Path) -> None:
-    anns = [_ann(1), _ann(2, bbox=[1, 1, 0, 3]), _ann(3, bbox=[60, 40, 10, 10],
-                                                     segmentation=[_rect(60, 40, 64, 48)])]
+    anns = [
+        _ann(1),
+        _ann(2, bbox=[1, 1, 0, 3]),
+        _ann(3, bbox=[60, 40, 10, 10], segmentation=[_rect(60, 40, 64, 48)]),
+    ]
     data = CocoInstances(*_coco(tmp_path, anns))
 
     report = data.quality.to_dict()
 
     assert report == {
-        "source": str(tmp_path / "annotations.json"), "images": 2, "images_skipped": 0,
-        "images_skipped_by_reason": {}, "negatives": 1, "annotations": 2, "crowd": 0,
-        "annotations_dropped": {"zero_size_box": 1}, "annotations_repaired": {"box_clipped": 1},
+        "source": str(tmp_path / "annotations.json"),
+        "images": 2,
+        "images_skipped": 0,
+        "images_skipped_by_reason": {},
+        "negatives": 1,
+        "annotations": 2,
+        "crowd": 0,
+        "annotations_dropped": {"zero_size_box": 1},
+        "annotations_repaired": {"box_clipped": 1},
         "examples": {"zero_size_box": [2], "box_clipped": [3]},
     }
     json.dumps(report)

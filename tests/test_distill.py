@@ -184,7 +184,7 @@ def test_unlabelled_images_train_on_pseudo_labels(teacher, spec, demo_data, tmp_
     losses = report["final_losses"]
     assert all(math.isfinite(v) for v in losses.values())
     # the teacher found objects, and their pasted masks trained the student's mask head
-    assert losses["pseudo_labels"] > 0
+    assert losses["pseudo_labels_per_image"] > 0
     assert losses["loss_mask"] > 0
 
 
@@ -216,7 +216,7 @@ def test_feature_imitation_reduces_feature_mse(teacher, spec, train_set, tmp_pat
 
     student, report = distill(teacher, spec, train=train_set, settings=settings, workdir=tmp_path)
 
-    assert set(report["final_losses"]) == {"feature", "loss", "pseudo_labels"}
+    assert set(report["final_losses"]) == {"feature", "loss", "pseudo_labels_per_image"}
     before = _batch_stat_feature_mse(teacher, initial, images)
     after = _batch_stat_feature_mse(teacher, student, images)
     assert after < 0.6 * before, (before, after)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -38,35 +38,71 @@ H, W = 24, 32
 
 
 def _settings(examples: int) -> settings:
-    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None,
-                    derandomize=SCALE == 1, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=max(1, int(examples * SCALE)),
+        deadline=None,
+        derandomize=SCALE == 1,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # -- strategies ------------------------------------------------------------------------------------
 
-COCO_KEYS = ["images", "annotations", "categories", "id", "image_id", "category_id", "bbox",
-             "segmentation", "area", "iscrowd", "file_name", "width", "height", "name", "size",
-             "counts"]
-numbers = (st.integers(-(2**40), 2**40) | st.integers(-3, 70)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.floats(-5, 70))
-scalars = st.none() | st.booleans() | numbers | st.text(max_size=6) | st.sampled_from(
-    ["img1.png", "img2.png", "missing.png", "../img1.png", "0"])
+COCO_KEYS = [
+    "images",
+    "annotations",
+    "categories",
+    "id",
+    "image_id",
+    "category_id",
+    "bbox",
+    "segmentation",
+    "area",
+    "iscrowd",
+    "file_name",
+    "width",
+    "height",
+    "name",
+    "size",
+    "counts",
+]
+numbers = (
+    st.integers(-(2**40), 2**40)
+    | st.integers(-3, 70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.floats(-5, 70)
+)
+scalars = (
+    st.none()
+    | st.booleans()
+    | numbers
+    | st.text(max_size=6)
+    | st.sampled_from(["img1.png", "img2.png", "missing.png", "../img1.png", "0"])
+)
 json_values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(
-        st.sampled_from(COCO_KEYS) | st.text(max_size=4), inner, max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.sampled_from(COCO_KEYS) | st.text(max_size=4), inner, max_size=6)
+    ),
     max_leaves=24,
 )
 polygons = st.lists(st.lists(numbers, max_size=12), max_size=3)
-rle_counts = (st.lists(st.integers(-2, H * W + 2), max_size=8)
-              | st.lists(st.integers(0, 200), min_size=1, max_size=12).map(
-                  lambda runs: [*runs, max(0, H * W - sum(runs))])
-              | st.text(alphabet=[chr(c) for c in range(40, 115)], max_size=12))
-rles = st.fixed_dictionaries({
-    "size": st.sampled_from([[H, W], [W, H], [H, W + 1], [0, 0]]) | st.lists(numbers, max_size=3),
-    "counts": rle_counts | scalars,
-})
+rle_counts = (
+    st.lists(st.integers(-2, H * W + 2), max_size=8)
+    | st.lists(st.integers(0, 200), min_size=1, max_size=12).map(
+        lambda runs: [*runs, max(0, H * W - sum(runs))]
+    )
+    | st.text(alphabet=[chr(c) for c in range(40, 115)], max_size=12)
+)
+rles = st.fixed_dictionaries(
+    {
+        "size": st.sampled_from([[H, W], [W, H], [H, W + 1], [0, 0]])
+        | st.lists(numbers, max_size=3),
+        "counts": rle_counts | scalars,
+    }
+)
 bboxes = st.lists(numbers, max_size=5)
 field_values = json_values | polygons | rles | bboxes | numbers
 
@@ -80,18 +116,47 @@ def _base_document() -> dict[str, Any]:
     edges = np.flatnonzero(np.diff(flat)) + 1
     runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
     return {
-        "images": [{"id": 1, "file_name": "img1.png", "width": W, "height": H},
-                   {"id": 2, "file_name": "img2.png", "width": W, "height": H}],
+        "images": [
+            {"id": 1, "file_name": "img1.png", "width": W, "height": H},
+            {"id": 2, "file_name": "img2.png", "width": W, "height": H},
+        ],
         "categories": [{"id": 1, "name": "a"}, {"id": 5, "name": "b"}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [3, 2, 12, 8], "area": 96,
-             "iscrowd": 0, "segmentation": [[3, 2, 15, 2, 15, 10, 3, 10]]},
-            {"id": 2, "image_id": 1, "category_id": 5, "bbox": [3, 2, 12, 8], "area": 96,
-             "iscrowd": 0, "segmentation": {"size": [H, W], "counts": rle["counts"].decode()}},
-            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [3, 2, 12, 8], "area": 96,
-             "iscrowd": 1, "segmentation": {"size": [H, W], "counts": runs}},
-            {"id": 4, "image_id": 2, "category_id": 5, "bbox": [20, 12, 8, 8], "area": 64,
-             "iscrowd": 0},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [3, 2, 12, 8],
+                "area": 96,
+                "iscrowd": 0,
+                "segmentation": [[3, 2, 15, 2, 15, 10, 3, 10]],
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 5,
+                "bbox": [3, 2, 12, 8],
+                "area": 96,
+                "iscrowd": 0,
+                "segmentation": {"size": [H, W], "counts": rle["counts"].decode()},
+            },
+            {
+                "id": 3,
+                "image_id": 2,
+                "category_id": 1,
+                "bbox": [3, 2, 12, 8],
+                "area": 96,
+                "iscrowd": 1,
+                "segmentation": {"size": [H, W], "counts": runs},
+            },
+            {
+                "id": 4,
+                "image_id": 2,
+                "category_id": 5,
+                "bbox": [20, 12, 8, 8],
+                "area": 64,
+                "iscrowd": 0,
+            },
         ],
     }
 
@@ -136,7 +201,8 @@ def coco_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     for name in ("img1.png", "img2.png"):
         Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(
-            root / "images" / name)
+            root / "images" / name
+        )
     return root
 
 
@@ -149,7 +215,9 @@ def _load_and_check(root: Path, document: Any) -> None:
     try:
         data = CocoInstances(ann_file, root / "images")
     except DatasetError:
+        event("DatasetError")
         return
+    event(f"loaded, {data.quality.annotations > 0 and 'with' or 'without'} annotations")
 
     json.dumps(data.quality.to_dict())
     assert data.quality.images == len(data.image_ids) > 0
@@ -174,8 +242,12 @@ def _load_and_check(root: Path, document: Any) -> None:
     def predict(image: np.ndarray) -> Detections:
         mask = np.zeros((1, *image.shape[:2]), np.float32)
         mask[0, 2:10, 3:15] = 1.0
-        return Detections(np.array([[3, 2, 15, 10]], np.float32), np.array([0.9], np.float32),
-                          np.array([1], np.int64), mask)
+        return Detections(
+            np.array([[3, 2, 15, 10]], np.float32),
+            np.array([0.9], np.float32),
+            np.array([1], np.int64),
+            mask,
+        )
 
     metrics = evaluate_coco(predict, data)
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("box_ap", "mask_ap"))
@@ -189,8 +261,9 @@ def test_random_json_gives_a_set_or_a_dataset_error(coco_dir: Path, document: An
 
 @_settings(80)
 @given(document=mutated_documents())
-def test_mutated_coco_gives_a_consistent_set_or_a_dataset_error(coco_dir: Path,
-                                                                document: Any) -> None:
+def test_mutated_coco_gives_a_consistent_set_or_a_dataset_error(
+    coco_dir: Path, document: Any
+) -> None:
     _load_and_check(coco_dir, document)
 
 
@@ -215,10 +288,22 @@ def _encoded(fmt: str, mode: str) -> bytes:
     return buf.getvalue()
 
 
-SEEDS = {f"{fmt}-{mode}": _encoded(fmt, mode) for fmt, mode in [
-    ("PNG", "RGB"), ("PNG", "L"), ("PNG", "RGBA"), ("PNG", "P"), ("JPEG", "RGB"), ("JPEG", "L"),
-    ("GIF", "P"), ("BMP", "RGB"), ("TIFF", "RGB"), ("WEBP", "RGB"), ("PPM", "RGB"),
-]}
+SEEDS = {
+    f"{fmt}-{mode}": _encoded(fmt, mode)
+    for fmt, mode in [
+        ("PNG", "RGB"),
+        ("PNG", "L"),
+        ("PNG", "RGBA"),
+        ("PNG", "P"),
+        ("JPEG", "RGB"),
+        ("JPEG", "L"),
+        ("GIF", "P"),
+        ("BMP", "RGB"),
+        ("TIFF", "RGB"),
+        ("WEBP", "RGB"),
+        ("PPM", "RGB"),
+    ]
+}
 
 
 @st.composite
@@ -246,15 +331,18 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @_settings(120)
 @given(data=corrupted_images(), suffix=st.sampled_from([".png", ".jpg", ".gif", ".img"]))
-def test_corrupted_image_bytes_give_rgb_or_image_read_error(image_dir: Path, data: bytes,
-                                                            suffix: str) -> None:
+def test_corrupted_image_bytes_give_rgb_or_image_read_error(
+    image_dir: Path, data: bytes, suffix: str
+) -> None:
     path = image_dir / f"fuzz{suffix}"
     path.write_bytes(data)
     try:
         image = load_image(path)
     except ImageReadError as err:
+        event("ImageReadError")
         assert str(path) in str(err)
     else:
+        event("decoded")
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
         assert image.shape[0] >= 1 and image.shape[1] >= 1
 
@@ -311,14 +399,18 @@ def _rename_key(state: dict[str, torch.Tensor], key: str, draw: st.DrawFn) -> No
 
 
 MUTATIONS: list[Callable[[dict[str, torch.Tensor], str, st.DrawFn], None]] = [
-    _drop_key, _reshape_key, _retype_key, _rename_key]
+    _drop_key,
+    _reshape_key,
+    _retype_key,
+    _rename_key,
+]
 
 
 @_settings(12)
 @given(data=st.data())
-def test_odd_checkpoints_load_or_give_a_maskedge_error(ckpt_dir: Path,
-                                                       real_state: dict[str, torch.Tensor],
-                                                       data: st.DataObject) -> None:
+def test_odd_checkpoints_load_or_give_a_maskedge_error(
+    ckpt_dir: Path, real_state: dict[str, torch.Tensor], data: st.DataObject
+) -> None:
     """Real weights with a few keys dropped, reshaped, retyped or renamed, then wrapped in
     random training-checkpoint structure: a model, or an error of maskedge's own."""
     state = dict(real_state)
@@ -330,17 +422,23 @@ def test_odd_checkpoints_load_or_give_a_maskedge_error(ckpt_dir: Path,
     obj: Any = {prefix + k: v for k, v in state.items()}
     for _ in range(data.draw(st.integers(0, 2))):
         key = data.draw(st.sampled_from(["model", "state_dict", "ema", "weights", "other"]))
-        extra = data.draw(st.dictionaries(st.sampled_from(["epoch", "names", "classes"]),
-                                          scalars | st.lists(st.text(max_size=3), max_size=4),
-                                          max_size=2))
+        extra = data.draw(
+            st.dictionaries(
+                st.sampled_from(["epoch", "names", "classes"]),
+                scalars | st.lists(st.text(max_size=3), max_size=4),
+                max_size=2,
+            )
+        )
         obj = {key: obj, **extra}
     num_classes = data.draw(st.none() | st.integers(1, 6))
     path = ckpt_dir / "fuzz.pt"
     torch.save(obj, path)
     try:
         loaded = load_checkpoint(path, num_classes=num_classes)
-    except MaskedgeError:
+    except MaskedgeError as err:
+        event(type(err).__name__)
         return
+    event("loaded")
     assert loaded.num_classes == num_classes or num_classes is None
     assert len(loaded.class_names) == len(loaded.category_ids) == loaded.num_classes - 1
     assert not loaded.model.training
@@ -348,11 +446,13 @@ def test_odd_checkpoints_load_or_give_a_maskedge_error(ckpt_dir: Path,
 
 @_settings(25)
 @given(data=st.data())
-def test_corrupted_checkpoint_bytes_give_a_checkpoint_error(ckpt_dir: Path,
-                                                            data: st.DataObject) -> None:
+def test_corrupted_checkpoint_bytes_give_a_checkpoint_error(
+    ckpt_dir: Path, data: st.DataObject
+) -> None:
     buf = io.BytesIO()
-    torch.save({"model": {"roi_heads.box_predictor.cls_score.weight": torch.ones(3, 4)},
-                "epoch": 1}, buf)
+    torch.save(
+        {"model": {"roi_heads.box_predictor.cls_score.weight": torch.ones(3, 4)}, "epoch": 1}, buf
+    )
     raw = bytearray(buf.getvalue())
     for _ in range(data.draw(st.integers(1, 3))):
         pos = data.draw(st.integers(0, len(raw) - 1))

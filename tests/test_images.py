@@ -70,19 +70,27 @@ def _float_tiff(p: Path) -> Path:
     return _save(Image.fromarray(np.full((H, W), 0.5, np.float32)), p / "float.tif")
 
 
-@pytest.mark.parametrize(("make", "mode", "rgb", "rule"), [
-    (_gray_jpeg, "L", (100, 100, 100), "Pillow's conversion"),
-    (_rgba_png, "RGBA", (10, 20, 30), "alpha dropped"),
-    (_la_png, "LA", (100, 100, 100), "alpha dropped"),
-    (_png16, "I;16", (117, 117, 117), "16-bit scaled by bit depth"),
-    (_palette_png, "P", (200, 100, 50), "palette with transparency"),
-    (_cmyk_jpeg, "CMYK", (255, 0, 0), "Pillow's conversion"),
-    (_bilevel_png, "1", (255, 255, 255), "Pillow's conversion"),
-    (_float_tiff, "F", (128, 128, 128), "float in [0, 1]"),
-])
-def test_b29_every_mode_becomes_rgb(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                    make: Callable[[Path], Path], mode: str,
-                                    rgb: tuple[int, int, int], rule: str) -> None:
+@pytest.mark.parametrize(
+    ("make", "mode", "rgb", "rule"),
+    [
+        (_gray_jpeg, "L", (100, 100, 100), "Pillow's conversion"),
+        (_rgba_png, "RGBA", (10, 20, 30), "alpha dropped"),
+        (_la_png, "LA", (100, 100, 100), "alpha dropped"),
+        (_png16, "I;16", (117, 117, 117), "16-bit scaled by bit depth"),
+        (_palette_png, "P", (200, 100, 50), "palette with transparency"),
+        (_cmyk_jpeg, "CMYK", (255, 0, 0), "Pillow's conversion"),
+        (_bilevel_png, "1", (255, 255, 255), "Pillow's conversion"),
+        (_float_tiff, "F", (128, 128, 128), "float in [0, 1]"),
+    ],
+)
+def test_b29_every_mode_becomes_rgb(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    make: Callable[[Path], Path],
+    mode: str,
+    rgb: tuple[int, int, int],
+    rule: str,
+) -> None:
     """B29: grayscale JPEG, RGBA PNG, LA PNG and the other modes: 3-channel RGB, logged."""
     path = make(tmp_path)
     with Image.open(path) as im:
@@ -144,9 +152,9 @@ def _truncated_png(p: Path) -> Path:
 
 
 @pytest.mark.parametrize("make", [_truncated_jpeg, _truncated_png])
-def test_truncated_even_when_pillow_is_told_to_allow_it(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch,
-                                                        make: Callable[[Path], Path]) -> None:
+def test_truncated_even_when_pillow_is_told_to_allow_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Callable[[Path], Path]
+) -> None:
     """Truncated files are never padded with grey, whatever a host application configured."""
     path = make(tmp_path)
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
@@ -158,13 +166,17 @@ def test_truncated_even_when_pillow_is_told_to_allow_it(tmp_path: Path,
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the host's setting is restored
 
 
-@pytest.mark.parametrize(("name", "content", "expected"), [
-    ("empty.png", b"", "cannot read image"),
-    ("text.jpg", b"hello, not an image", "cannot read image"),
-    ("gone.png", None, "image file not found"),
-])
-def test_unreadable_files_name_the_file(tmp_path: Path, name: str, content: bytes | None,
-                                        expected: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("empty.png", b"", "cannot read image"),
+        ("text.jpg", b"hello, not an image", "cannot read image"),
+        ("gone.png", None, "image file not found"),
+    ],
+)
+def test_unreadable_files_name_the_file(
+    tmp_path: Path, name: str, content: bytes | None, expected: str
+) -> None:
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
@@ -174,7 +186,8 @@ def test_unreadable_files_name_the_file(tmp_path: Path, name: str, content: byte
 
 
 def test_unreadable_files_skipped_with_count_or_fatal_when_strict(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     good = _rgba_png(tmp_path)
     bad = _truncated_jpeg(tmp_path)
     quality = DataQuality(source=str(tmp_path))
@@ -195,8 +208,15 @@ def test_runner_preprocess_imports_only_numpy_pillow_stdlib() -> None:
     import ast
 
     tree = ast.parse(Path(preprocess.__file__).read_text())
-    modules = {alias.name.split(".")[0] for node in ast.walk(tree)
-               if isinstance(node, ast.Import) for alias in node.names}
-    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.module}
+    modules = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    modules |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert modules <= {"__future__", "logging", "dataclasses", "pathlib", "numpy", "PIL"}
