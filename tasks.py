@@ -57,10 +57,16 @@ def _path(value):
     return Path(value).expanduser() if value else None
 
 
-@task(help={
+@task(auto_shortflags=False, help={
     "target": "deployment target: arm64 (see `invoke targets`)",
     "profile": "hardware profile of the target (default: the target's own, e.g. rpi5)",
     "checkpoint": "teacher checkpoint (default: the embedded demo teacher)",
+    "arch": "teacher architecture when it cannot be read off the weights "
+            "(e.g. maskrcnn_resnet50_fpn)",
+    "num_classes": "teacher classes including background, checked against the weights",
+    "class_names": "class names: comma-separated, a text file (one per line) or a COCO json",
+    "trust_checkpoint": "allow unpickling arbitrary Python objects from --checkpoint (only for "
+                        "files you trust)",
     "train_coco": "COCO annotations for distillation (default: the demo train split)",
     "train_images": "image folder of --train-coco, or unlabelled images to distill from",
     "calib_images": "folder of calibration images (default: the demo calib split)",
@@ -78,7 +84,8 @@ def _path(value):
     "strict": "fail on unreadable images instead of skipping them",
     "debug": "show full tracebacks",
 })
-def build(c, target="arm64", profile=None, checkpoint=None, train_coco=None, train_images=None,
+def build(c, target="arm64", profile=None, checkpoint=None, arch=None, num_classes=None,
+          class_names=None, trust_checkpoint=False, train_coco=None, train_images=None,
           calib_images=None, calib_count=64, val_coco=None, val_images=None, val_limit=None,
           student="mobilenet_v3_large", image_size=256, distill_steps=None, calib_method=None,
           per_channel=None, parity_budget=None, latency_runs=30, strict=False, debug=False):
@@ -87,7 +94,9 @@ def build(c, target="arm64", profile=None, checkpoint=None, train_coco=None, tra
 
     def go():
         config = BuildConfig(
-            target=target, profile=profile, checkpoint=_path(checkpoint),
+            target=target, profile=profile, checkpoint=_path(checkpoint), arch=arch,
+            num_classes=int(num_classes) if num_classes else None, class_names=class_names,
+            trust_checkpoint=bool(trust_checkpoint),
             train_coco=_path(train_coco), train_images=_path(train_images),
             calib_images=_path(calib_images), calib_count=int(calib_count),
             val_coco=_path(val_coco), val_images=_path(val_images),
@@ -105,7 +114,7 @@ def build(c, target="arm64", profile=None, checkpoint=None, train_coco=None, tra
     _run(go, debug)
 
 
-@task(help={
+@task(auto_shortflags=False, help={
     "steps": "training steps (default 1600)",
     "out": "where to write the teacher checkpoint (default demo/teacher.pt)",
     "debug": "show full tracebacks",
@@ -137,7 +146,7 @@ def targets(c):
     Console().print(table)
 
 
-@task(help={"k": "only tests matching this expression", "fast": "skip tests marked slow"})
+@task(auto_shortflags=False, help={"k": "only tests matching this expression", "fast": "skip tests marked slow"})
 def test(c, k=None, fast=False):
     """Run the test suite (pytest)."""
     args = [sys.executable, "-m", "pytest", "-q", "-rs"]
@@ -148,7 +157,7 @@ def test(c, k=None, fast=False):
     c.run(" ".join(args), pty=False)
 
 
-@task(help={"all": "also remove the stage cache and generated demo data"})
+@task(auto_shortflags=False, help={"all": "also remove the stage cache and generated demo data"})
 def clean(c, all=False):
     """Remove built bundles (and with --all, every cached stage and the demo data)."""
     if not ARTIFACTS.exists():

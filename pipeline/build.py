@@ -50,6 +50,10 @@ class BuildConfig:
     val_coco: Path | None = None
     val_images: Path | None = None
     val_limit: int | None = None
+    arch: str | None = None
+    num_classes: int | None = None
+    class_names: str | None = None
+    trust_checkpoint: bool = False
     student: str = "mobilenet_v3_large"
     image_size: int = 256
     distill_steps: int | None = None
@@ -106,9 +110,10 @@ class _Data:
     val: Any  # CocoInstances
     val_hash: str
     sources: dict[str, str]
+    quality: dict[str, Any]
 
 
-def _resolve_data(config: BuildConfig) -> _Data:
+def _resolve_data(config: BuildConfig, category_ids: list[int]) -> _Data:
     from pipeline.datasets import CocoInstances, list_images
     from pipeline.demo import DemoSpec, ensure_demo_data
 
@@ -119,7 +124,9 @@ def _resolve_data(config: BuildConfig) -> _Data:
         splits = ensure_demo_data(config.artifacts / "demo_data", DemoSpec(**config.demo_spec))
     sources = {}
     if config.train_coco is not None:
-        train: Any = CocoInstances(config.train_coco, config.train_images)
+        train: Any = CocoInstances(config.train_coco, config.train_images,
+                                   category_ids=category_ids, strict=config.strict)
+        train.check_images()
         train_hash = sha256_files([config.train_coco]) + str(len(train))
         sources["train"] = f"COCO {config.train_coco}"
     elif config.train_images is not None:
@@ -137,7 +144,9 @@ def _resolve_data(config: BuildConfig) -> _Data:
     sources["calibration"] = ("demo calib split " if config.calib_images is None else "") + str(
         calib_dir)
     if config.val_coco is not None:
-        val = CocoInstances(config.val_coco, config.val_images)
+        val = CocoInstances(config.val_coco, config.val_images, category_ids=category_ids,
+                            strict=config.strict)
+        val.check_images()
         val_hash = sha256_file(config.val_coco)
         sources["validation"] = f"COCO {config.val_coco}"
     else:
@@ -145,7 +154,10 @@ def _resolve_data(config: BuildConfig) -> _Data:
         val = CocoInstances(ann, splits["val"] / "images")
         val_hash = sha256_file(ann)
         sources["validation"] = f"demo val split {splits['val']}"
-    return _Data(train, train_hash, calib_paths, val, val_hash, sources)
+    quality = {"validation": val.quality.to_dict()}
+    if hasattr(train, "quality"):
+        quality["train"] = train.quality.to_dict()
+    return _Data(train, train_hash, calib_paths, val, val_hash, sources, quality)
 
 
 def _evaluate(stages: _Stages, name: str, key_parts: dict[str, Any], predict, val,
@@ -173,8 +185,8 @@ def _stage_distill(stages: _Stages, config: BuildConfig, loaded, teacher_hash: s
     t0 = stages.begin("distill")
     overrides = {"steps": config.distill_steps} if config.distill_steps else {}
     settings = DistillSettings(**overrides)
-    spec = student_spec(loaded.spec.num_classes if loaded.spec else len(loaded.class_names) + 1,
-                        backbone=config.student, image_size=config.image_size)
+    spec = student_spec(loaded.num_classes, backbone=config.student,
+                        image_size=config.image_size)
     key_parts = {"teacher": teacher_hash, "student": spec.to_dict(),
                  "settings": asdict(settings), "train": data.train_hash, "version": __version__}
     key = hash_json(key_parts)
@@ -280,7 +292,6 @@ def _stage_parity(stages: _Stages, config: BuildConfig, profile, staging: Path, 
                   teacher_hash: str, student, student_hash: str, data: _Data,
                   backend: str) -> dict[str, Any]:
     from maskedge_runner.engine import Engine
-
     from pipeline.evaluate import TorchPredictor, evaluate_coco
     from pipeline.parity import compare_graphs
 
@@ -478,9 +489,10 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
 
     t0 = stages.begin("load")
     teacher_path = config.checkpoint or DEMO_TEACHER
-    loaded = load_checkpoint(teacher_path)
+    loaded = load_checkpoint(teacher_path, arch=config.arch, num_classes=config.num_classes,
+                             class_names=config.class_names, trust=config.trust_checkpoint)
     teacher_hash = sha256_file(teacher_path)
-    data = _resolve_data(config)
+    data = _resolve_data(config, list(loaded.category_ids))
     stages.end("load", t0, False, teacher_path, f"teacher with {len(loaded.class_names)} classes")
 
     student, distill_report, student_hash = _stage_distill(stages, config, loaded, teacher_hash,
@@ -525,7 +537,7 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": None, "host": _host(),
             "target": target.name, "profile": profile.to_dict(), "config": config.to_dict(),
-            "data": data.sources,
+            "data": {"sources": data.sources, "quality": data.quality},
             "input": {**graph_spec["input"], "batch": "one image per call"},
             "classes": classes,
             "thresholds": {k: graph_spec["roi_heads"][k] for k in ("score_thresh", "nms_thresh",
@@ -535,7 +547,7 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
                                                               "mask_head")}
                        for p in ("int8", "fp32")},
             "teacher": {"checkpoint": str(teacher_path), "sha256": teacher_hash,
-                        "arch": loaded.spec.to_dict() if loaded.spec else None,
+                        "arch": loaded.spec.to_dict() if loaded.spec else loaded.arch,
                         "parameters": count_parameters(loaded.model),
                         "macs": count_macs(loaded.model, config.image_size)},
             "student": {"arch": student.spec.to_dict(), "sha256": student_hash,
@@ -559,10 +571,14 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
         _write_report(staging / "report.md", manifest)
         manifest["build_seconds"] = round(time.perf_counter() - started, 1)
         manifest["files"] = file_hashes(staging)
+        # figures measured inside the staging folder name the place the bundle ends up
+        final_path = config.artifacts / target.name
+        manifest = json.loads(json.dumps(manifest, default=str).replace(str(staging),
+                                                                        str(final_path)))
         write_json_atomic(staging / "manifest.json", manifest)
         if gate["passed"]:
             write_tarball(staging, target.name)
-        final = publish(staging, config.artifacts / target.name)
+        final = publish(staging, final_path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1160,9 +1160,10 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, n
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        f"{k} {tuple(state[k].shape)} {state[k].dtype} vs {tuple(v.shape)} {v.dtype}"
         for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
+        if k in state
+        and (state[k].shape != v.shape or state[k].is_floating_point() != v.is_floating_point())
     ]
     # FrozenBatchNorm2d drops num_batches_tracked itself; BatchNorm2d tolerates its absence
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -1173,7 +1174,7 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, n
             for label, keys in (
                 ("missing", missing),
                 ("unexpected", unexpected),
-                ("wrong shape", wrong),
+                ("wrong shape or type", wrong),
             )
             if keys
         ]

@@ -426,11 +426,7 @@ class CocoInstances:
                 )
                 continue
             ann_id = _as_int(ann.get("id"))
-            label = (
-                f"annotation {ann.get('id')!r:.40}"
-                if ann_id is not None
-                else (f"annotations[{i}] (no id)")
-            )
+            label = f"annotation {ann_id}" if ann_id is not None else f"annotations[{i}] (no id)"
             cleaned = self._clean_annotation(
                 ann, label, ann_id if ann_id is not None else f"#{i}", images
             )

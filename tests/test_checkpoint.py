@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ SIZE = 64  # every model runs at 64 px here, to keep the tests quick
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
+def _one_thread() -> Iterator[None]:
     """These models are small: one thread is faster than two on a shared CPU."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -168,6 +168,21 @@ def _resnet50_v2() -> MaskRCNN:
     return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=7)
 
 
+def _resnext50_fpn() -> MaskRCNN:
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnext50_32x4d", weights=None)
+    return MaskRCNN(backbone, num_classes=3)
+
+
+def _mobilenet_small_fpn() -> MaskRCNN:
+    torch.manual_seed(0)
+    backbone = mobilenet_backbone(
+        backbone_name="mobilenet_v3_small", fpn=True, weights=None, trainable_layers=6
+    )
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    return MaskRCNN(backbone, num_classes=2, rpn_anchor_generator=anchors)
+
+
 def _resnet34_fpn_three_levels() -> MaskRCNN:
     torch.manual_seed(0)
     backbone = resnet_fpn_backbone(
@@ -184,6 +199,8 @@ def _resnet34_fpn_three_levels() -> MaskRCNN:
         (_mobilenet_fpn, "maskrcnn_mobilenet_v3_large_fpn", 4),
         (_resnet34_fpn_three_levels, "maskrcnn_resnet34_fpn", 6),
         (_resnet18_fpn, "maskrcnn_resnet18_fpn", 3),
+        (_resnext50_fpn, "maskrcnn_resnext50_32x4d_fpn", 3),
+        (_mobilenet_small_fpn, "maskrcnn_mobilenet_v3_small_fpn", 2),
     ],
 )
 def test_torchvision_layouts_are_read_from_weights(

@@ -442,6 +442,9 @@ def test_odd_checkpoints_load_or_give_a_maskedge_error(
     assert loaded.num_classes == num_classes or num_classes is None
     assert len(loaded.class_names) == len(loaded.category_ids) == loaded.num_classes - 1
     assert not loaded.model.training
+    with torch.no_grad():
+        (result,) = loaded.model([torch.rand(3, 64, 64)])
+    assert result["boxes"].shape[1:] == (4,) and result["boxes"].dtype == torch.float32
 
 
 @_settings(25)
