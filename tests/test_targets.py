@@ -110,7 +110,7 @@ def _load(path: Path) -> HardwareProfile:
         (lambda d: d["cpu"].update(threads=0), "cpu.threads"),
         (lambda d: d["cpu"].update(cores="four"), "cpu.cores"),
         (lambda d: d["budgets"].update(latency_p90_ms="fast"), "budgets.latency_p90_ms"),
-        (lambda d: d["budgets"].update(max_mask_ap_drop=-1), "budgets.max_mask_ap_drop"),
+        (lambda d: d["budgets"].update(max_mask_ap_drop=150), "budgets.max_mask_ap_drop"),
         (lambda d: d["budgets"].pop("memory_mb"), "budgets.memory_mb"),
         (lambda d: d["isa"].update(avx512=True), "isa.avx512"),
         (lambda d: d["isa"].pop("dotprod"), "isa.dotprod"),
@@ -186,4 +186,4 @@ def test_settings_copies_are_validated() -> None:
     assert looser.budgets.max_mask_ap_drop == 2.5 and profile.budgets.max_mask_ap_drop == 1.0
     assert looser.latency_budget_ms == profile.budgets.latency_p90_ms
     with pytest.raises(ConfigError, match="max_mask_ap_drop"):
-        profile.with_parity_budget(-0.5)
+        profile.with_parity_budget(101.0)
