@@ -146,7 +146,8 @@ def targets(c):
     Console().print(table)
 
 
-@task(auto_shortflags=False, help={"k": "only tests matching this expression", "fast": "skip tests marked slow"})
+@task(auto_shortflags=False,
+      help={"k": "only tests matching this expression", "fast": "skip tests marked slow"})
 def test(c, k=None, fast=False):
     """Run the test suite (pytest)."""
     args = [sys.executable, "-m", "pytest", "-q", "-rs"]

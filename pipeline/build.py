@@ -449,7 +449,8 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
     lines += ["", "## Gate", ""]
     for c in manifest["gate"]["checks"]:
         mark = {True: "pass", False: "FAIL", None: "not gated"}[c["passed"]]
-        lines.append(f"- {mark}: `{c['check']}` = {c['value']} (limit {c['limit']}) — {c['what']}")
+        lines.append(f"- {mark}: `{c['check']}` = {c['value']} (limit {c['limit']}): "
+                     f"{c['what']}")
     lines += ["", "## Latency", "", manifest["latency"].get("note", ""), ""]
     for p in ("fp32", "int8"):
         e = manifest["latency"][p]["end_to_end_ms"]

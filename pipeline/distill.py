@@ -573,7 +573,7 @@ def _resume(run: _Run, path: Path, fingerprint: dict[str, Any]) -> int:
     if not path.exists():
         return 0
     try:
-        state = torch.load(path, map_location=run.device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many kinds; a damaged file only costs a fresh start
         log.warning("%s cannot be read (%s: %s); starting afresh", path, type(err).__name__, err)
         return 0
