@@ -3,10 +3,11 @@
 The student is ``build_model(student_spec)`` (a torchvision ``MaskRCNN``, MobileNetV3-Large FPN by
 default). It learns from four signals, each switchable and weighted in :class:`DistillSettings`:
 
-- *parameter distillation*: every student parameter or buffer whose name and shape match the
-  teacher's is copied from it before training (with the demo architectures: the FPN output convs,
-  the RPN head, the box head and the box predictor; the narrower mask head starts fresh), and
-  can be held fixed for the first ``freeze_heads_steps`` steps;
+- *parameter distillation*: every student module whose parameters and buffers all have a
+  namesake of the same shape in the teacher is copied from it before training (with the demo
+  architectures: the FPN output convs, the RPN head, the box head and the box predictor, about
+  40 % of the student's weights; the MobileNet body, the FPN lateral convs and the narrower mask
+  head start fresh), and can be held fixed for the first ``freeze_heads_steps`` steps;
 - *detection losses* (torchvision's own RPN, box and mask losses) on teacher pseudo-labels
   (teacher detections scoring at least ``pseudo_label_threshold``, masks pasted and thresholded at
   0.5) and, when ``train`` is a COCO set, on its ground truth (``label_merge``: ``"union"`` adds
@@ -14,8 +15,10 @@ default). It learns from four signals, each switchable and weighted in :class:`D
   truth alone wherever an image is annotated);
 - *FPN feature imitation*: MSE between student and teacher FPN levels ``0, 1, 2, pool``, averaged
   over the cells whose centre lies inside a target box, plus ``feature_global_weight`` times the
-  MSE over the whole map (a learned 1x1 adapter maps the student's width to the teacher's when
-  they differ; it is not part of the student);
+  MSE over the whole map, divided by the teacher's mean square per level so that the weight does
+  not depend on the teacher's feature scale (a learned 1x1 adapter maps the student's width to
+  the teacher's when they differ; it is not part of the student). With equal widths the
+  student's features are pulled toward the teacher's own, which is what its copied heads expect;
 - *RoI class-logit distillation*: both box heads run on the teacher's RPN proposals, each pooling
   from its own features; the loss is ``T^2 * KL(teacher || student)`` of the class softmax at
   temperature ``T``.
@@ -38,6 +41,11 @@ Known limits:
   augmentation; a teacher's misses are the student's misses in pseudo-label-only mode;
 - training resizes with torchvision's transform (longer side to the student's size, padding to a
   multiple of 32), while deployment letterboxes to a square; the two agree for square images;
+- the default budget (:class:`DistillSettings`) is sized for a build on two CPU cores, not for
+  parity: the student ends well below the teacher's AP (the build's report gives both); raise
+  ``steps`` when the student is meant for deployment;
+- the feature MSE in the report is measured in eval mode on the first 8 training images; early in
+  a run it lags the training loss because BatchNorm running statistics trail the weights;
 - on CUDA (mixed precision) a resumed run is close to, not bit-identical with, an uninterrupted one.
 """
 

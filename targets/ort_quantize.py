@@ -128,19 +128,43 @@ PASS_THROUGH_OPS = frozenset(
 SHAPE_OPS = frozenset({"Shape", "Gather", "Size", "ConstantOfShape", "Range", "NonZero"})
 PARITY_SAMPLES = 16
 CALIBRATION_CHUNK = 8
+HEAD_BATCH = 32  # RoIs per calibration batch of a head graph (see _uniform_batches)
 ENTROPY_BINS = 512
 ENTROPY_QUANTIZED_BINS = 128
 SENSITIVITY_SAMPLES = 4
 DB_CAP = 100.0
 
 
+def _uniform_batches(samples: list[dict[str, np.ndarray]],
+                     size: int = HEAD_BATCH) -> list[dict[str, np.ndarray]]:
+    """Re-batch head inputs whose first axis (RoIs, detections) varies from image to image.
+
+    ORT's histogram calibrators (entropy, percentile) stack each tensor's outputs across runs and
+    fail on ragged first axes, so samples are concatenated and cut into batches of ``size``; the
+    last batch wraps around to the first rows. Samples of one shape are returned as they are.
+    """
+    if len(samples) < 2 or len({tuple(v.shape[0] for v in s.values()) for s in samples}) < 2:
+        return samples
+    keys = list(samples[0])
+    stacked = {k: np.concatenate([s[k] for s in samples if s[k].shape[0]], axis=0) for k in keys}
+    total = next(iter(stacked.values())).shape[0]
+    if total == 0:
+        return samples[:1]
+    size = min(size, total)
+    batches = []
+    for start in range(0, total, size):
+        idx = np.arange(start, start + size) % total
+        batches.append({k: np.ascontiguousarray(v[idx]) for k, v in stacked.items()})
+    return batches
+
+
 class GraphInputs:
     """An ONNX Runtime ``CalibrationDataReader`` over captured input dicts (rewindable)."""
 
     def __init__(self, samples: Sequence[Mapping[str, np.ndarray]]) -> None:
-        self.samples = [
+        self.samples = _uniform_batches([
             {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in s.items()} for s in samples
-        ]
+        ])
         self.start, self.end, self.pos = 0, len(self.samples), 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
