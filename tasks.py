@@ -57,6 +57,32 @@ def _path(value):
     return Path(value).expanduser() if value else None
 
 
+def _number(flag: str, value, kind=int):
+    """``value`` as ``kind`` (None when not given); a bad value is a ConfigError naming the flag."""
+    from pipeline.errors import ConfigError
+
+    if value is None or value == "":
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"--{flag}={value!r} must be {what}") from None
+
+
+def _flag(flag: str, value):
+    from pipeline.errors import ConfigError
+
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"--{flag}={value!r} must be true or false")
+
+
 @task(auto_shortflags=False, help={
     "target": "deployment target: arm64 (see `invoke targets`)",
     "profile": "hardware profile of the target (default: the target's own, e.g. rpi5)",
@@ -95,19 +121,18 @@ def build(c, target="arm64", profile=None, checkpoint=None, arch=None, num_class
     def go():
         config = BuildConfig(
             target=target, profile=profile, checkpoint=_path(checkpoint), arch=arch,
-            num_classes=int(num_classes) if num_classes else None, class_names=class_names,
+            num_classes=_number("num-classes", num_classes), class_names=class_names,
             trust_checkpoint=bool(trust_checkpoint),
             train_coco=_path(train_coco), train_images=_path(train_images),
-            calib_images=_path(calib_images), calib_count=int(calib_count),
+            calib_images=_path(calib_images), calib_count=_number("calib-count", calib_count),
             val_coco=_path(val_coco), val_images=_path(val_images),
-            val_limit=int(val_limit) if val_limit else None, student=student,
-            image_size=int(image_size),
-            distill_steps=int(distill_steps) if distill_steps else None,
-            calib_method=calib_method,
-            per_channel=None if per_channel is None else str(per_channel).lower() in
-            ("1", "true", "yes"),
-            parity_budget=float(parity_budget) if parity_budget is not None else None,
-            latency_runs=int(latency_runs), strict=bool(strict), artifacts=ARTIFACTS,
+            val_limit=_number("val-limit", val_limit), student=student,
+            image_size=_number("image-size", image_size),
+            distill_steps=_number("distill-steps", distill_steps),
+            calib_method=calib_method, per_channel=_flag("per-channel", per_channel),
+            parity_budget=_number("parity-budget", parity_budget, float),
+            latency_runs=_number("latency-runs", latency_runs), strict=bool(strict),
+            artifacts=ARTIFACTS,
         )
         return run_build(config)
 

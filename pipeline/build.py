@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.cache import StageCache, hash_json, sha256_file, sha256_files
-from pipeline.errors import ConfigError, GateError
+from pipeline.errors import ConfigError, DatasetError, GateError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,14 @@ class BuildConfig:
             raise ConfigError(f"--calib-count={self.calib_count} must be >= 1")
         if self.latency_runs < 1:
             raise ConfigError(f"--latency-runs={self.latency_runs} must be >= 1")
+        if self.val_limit is not None and self.val_limit < 1:
+            raise ConfigError(f"--val-limit={self.val_limit} must be >= 1 (or left out: all)")
+        if self.distill_steps is not None and self.distill_steps < 1:
+            raise ConfigError(f"--distill-steps={self.distill_steps} must be >= 1")
+        if self.image_size < 64 or self.image_size % 64:
+            raise ConfigError(f"--image-size={self.image_size} must be a multiple of 64")
+        if self.checkpoint is not None and not Path(self.checkpoint).exists():
+            raise ConfigError(f"{self.checkpoint}: checkpoint file not found")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -154,6 +162,13 @@ def _resolve_data(config: BuildConfig, category_ids: list[int]) -> _Data:
         val = CocoInstances(ann, splits["val"] / "images")
         val_hash = sha256_file(ann)
         sources["validation"] = f"demo val split {splits['val']}"
+    if not val.coco.getAnnIds(imgIds=val.image_ids):
+        raise DatasetError(
+            f"{val.annotation_file}: no usable annotations for validation (categories in the "
+            f"file: {sorted(val.coco.cats)}; the teacher's category ids: {category_ids}; "
+            f"dropped: {val.quality.to_dict().get('annotations_dropped')}); AP measured on "
+            "nothing would gate nothing. Give a COCO file whose category ids match the "
+            "checkpoint's (see --class-names)")
     quality = {"validation": val.quality.to_dict()}
     if hasattr(train, "quality"):
         quality["train"] = train.quality.to_dict()
@@ -474,8 +489,9 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
         write_tarball,
     )
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.distill import DistillSettings
     from pipeline.latency import profile_latency
-    from pipeline.models import count_macs, count_parameters
+    from pipeline.models import count_macs, count_parameters, student_spec
     from targets import get_target
 
     started = time.perf_counter()
@@ -483,6 +499,10 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
     profile = target.profile(config.profile)
     if config.parity_budget is not None:
         profile = profile.with_parity_budget(config.parity_budget)
+    # every option is checked before any expensive stage runs
+    _quant_settings(config, profile)
+    student_spec(2, backbone=config.student, image_size=config.image_size)
+    DistillSettings(**({"steps": config.distill_steps} if config.distill_steps else {}))
     cache = StageCache(config.artifacts / "cache")
     cache.clean_partial()
     stages = _Stages(cache)

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import sha256_file
+from pipeline.cache import owner_alive, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ def git_commit() -> str | None:
 def new_staging(artifacts: Path, target: str) -> Path:
     artifacts.mkdir(parents=True, exist_ok=True)
     for old in artifacts.glob(f".staging-{target}-*"):
-        shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".staging-{target}-", dir=artifacts))
+        if not owner_alive(old.name):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".staging-{target}-pid{os.getpid()}-", dir=artifacts))
 
 
 def copy_runner(staging: Path) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -63,7 +64,7 @@ class StageCache:
     def build(self, stage: str, key: str, meta: dict[str, Any]) -> Iterator[Path]:
         """Yield a temporary folder to fill; on success it becomes the cache entry."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{stage}-", dir=self.root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{stage}-pid{os.getpid()}-", dir=self.root))
         try:
             yield tmp
             (tmp / "done.json").write_text(json.dumps({"stage": stage, "key": key, **meta},
@@ -81,5 +82,23 @@ class StageCache:
         if not self.root.is_dir():
             return
         for p in self.root.glob(".*-*"):
-            if p.is_dir():
+            if p.is_dir() and not owner_alive(p.name):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def owner_alive(name: str) -> bool:
+    """Whether the process that made temporary folder ``name`` (``...-pid<N>-...``) still runs;
+    a concurrent build's work in progress must not be removed."""
+    match = re.search(r"-pid(\d+)-", name)
+    if not match:
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
