@@ -128,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = Engine.from_dir(args.bundle, precision=args.precision, runtime_options=options)
         names = class_names(read_manifest(args.bundle))
-        args.out.mkdir(parents=True, exist_ok=True)
-        for path in args.image:
+        if args.out.exists() and not args.out.is_dir():
+            raise RunnerError(f"--out {args.out}: is a file; give a folder for the overlay PNGs")
+        written: set[Path] = set()
+        for index, path in enumerate(args.image):
             image = load_image(path)
+            args.out.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
             det = engine.predict(image)
             elapsed = time.perf_counter() - started
@@ -139,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 det.boxes[shown], det.scores[shown], det.labels[shown], det.masks[shown]
             )
             overlay = args.out / f"{path.stem}.overlay.png"
+            if overlay in written:  # two inputs with one file name: keep both overlays
+                overlay = args.out / f"{path.stem}.{index}.overlay.png"
+            written.add(overlay)
             draw_overlay(image, det, names).save(overlay)
             print(
                 f"{path}: {len(det)} detections with score >= {args.score:g} "
@@ -154,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
     except (RunnerError, ImageReadError) as err:
         print(f"maskedge_runner: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"maskedge_runner: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
 

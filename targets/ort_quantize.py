@@ -276,6 +276,10 @@ def _preprocess(src: Path, dst: Path) -> None:
         ) from err
 
 
+def _method_file(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".method")
+
+
 def _calibrate(
     src: Path, reader: GraphInputs, settings: QuantizationSettings, cache: Path, work: Path
 ) -> None:
@@ -306,7 +310,19 @@ def _calibrate(
             reader.set_range(start, min(start + CALIBRATION_CHUNK, len(reader)))
             calibrator.collect_data(reader)
         save_tensors_data(calibrator.compute_data(), cache)
-    except Exception as err:  # ORT raises ValueError/RuntimeError/its own Fail types
+        _method_file(cache).write_text(settings.calibrate_method)
+    except ValueError as err:
+        # numpy's histogram refuses a tensor whose whole range is one value (a dead channel, a
+        # constant output): histogram methods cannot work there, min-max ranges can
+        if "bins" not in str(err) or settings.calibrate_method == "minmax":
+            raise ConversionError(
+                f"{src}: calibration ({settings.calibrate_method}) failed: ValueError: {err}"
+            ) from err
+        log.warning("%s: %s calibration failed on a degenerate tensor range (%s); this graph is "
+                    "calibrated with minmax", src.name, settings.calibrate_method, err)
+        reader.rewind()
+        _calibrate(src, reader, settings.with_(calibrate_method="minmax"), cache, work)
+    except Exception as err:  # ORT raises RuntimeError/its own Fail types
         raise ConversionError(
             f"{src}: calibration ({settings.calibrate_method}) failed: {type(err).__name__}: {err}"
         ) from err
@@ -328,6 +344,8 @@ def _quantize(
 
     if not cache.is_file():
         _calibrate(src, reader, settings, cache, cache.parent)
+    if _method_file(cache).is_file():  # the method that made the ranges (a fallback may differ)
+        settings = settings.with_(calibrate_method=_method_file(cache).read_text())
     activation_type, weight_type = _quant_types(settings)
     try:
         quantize_static(
