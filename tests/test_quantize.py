@@ -164,11 +164,17 @@ def test_histogram_calibration_methods(tiny, tmp_path: Path, method: str) -> Non
     (folder / "models" / "fp32").mkdir(parents=True)
     shutil.copy(tiny.folder / "graph_spec.json", folder)
     shutil.copy(tiny.folder / "models" / "fp32" / "box_head.onnx", folder / "models" / "fp32")
+    inputs = {"box_head": tiny.inputs["box_head"]}
     settings = tiny.settings.with_(calibrate_method=method)
-    report = quantize_graphs(folder, folder, {"box_head": tiny.inputs["box_head"]}, settings)
+    report = quantize_graphs(folder, folder, inputs, settings)
     r = report["graphs"]["box_head"]
+    minmax_dir = tmp_path / "minmax"
+    shutil.copytree(folder / "models" / "fp32", minmax_dir / "models" / "fp32")
+    shutil.copy(folder / "graph_spec.json", minmax_dir)
+    minmax = quantize_graphs(minmax_dir, minmax_dir, inputs,
+                             settings.with_(calibrate_method="minmax"))
     assert report["settings"]["calibrate_method"] == method
-    assert r["sha256"] != tiny.report["graphs"]["box_head"]["sha256"]  # other ranges
+    assert r["sha256"] != minmax["graphs"]["box_head"]["sha256"]  # other ranges
     assert r["parity"]["min_cosine"] >= 0.98
 
 
