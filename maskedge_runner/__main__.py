@@ -7,7 +7,8 @@ Reads ``BUNDLE_DIR/graph_spec.json``, ``BUNDLE_DIR/models/<precision>/*.onnx`` a
 present, ``BUNDLE_DIR/manifest.json`` (class names from ``classes``: a list of
 ``{"label", "name", "category_id"}``; runtime options from ``runtime.options``). Writes
 ``<out>/<image stem>.overlay.png`` per image: coloured masks, boxes and labels of the detections
-scoring at least ``--score``. Needs numpy, Pillow and onnxruntime only. Exit status 1 with a
+scoring at least ``--score``. Needs numpy, Pillow and the bundle's runtime (onnxruntime or
+openvino, the manifest's ``runtime.name``) only. Exit status 1 with a
 one-line message when the bundle or an image cannot be used.
 
 numpy's BLAS runs single-threaded here (``OPENBLAS_NUM_THREADS=1`` unless set): the host code's
@@ -31,7 +32,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from maskedge_runner.backends import RunnerError  # noqa: E402
+from maskedge_runner.backends import THREAD_OPTION, RunnerError  # noqa: E402
 from maskedge_runner.detections import Detections  # noqa: E402
 from maskedge_runner.engine import Engine, read_manifest  # noqa: E402
 from maskedge_runner.preprocess import ImageReadError, load_image  # noqa: E402
@@ -124,8 +125,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    options = {} if args.threads is None else {"intra_op_num_threads": args.threads}
     try:
+        backend = read_manifest(args.bundle).get("runtime", {}).get("name") or "onnxruntime"
+        if args.threads is not None and backend not in THREAD_OPTION:
+            raise RunnerError(f"--threads is not mapped for backend {backend!r}")
+        options = {} if args.threads is None else {THREAD_OPTION[backend]: args.threads}
         engine = Engine.from_dir(args.bundle, precision=args.precision, runtime_options=options)
         names = class_names(read_manifest(args.bundle))
         if args.out.exists() and not args.out.is_dir():

@@ -15,6 +15,13 @@ it is first used, so the runner imports only the runtime it runs.
 - ``allow_spinning``: bool; whether idle thread-pool threads busy-wait for the next run (ONNX
   Runtime's default: yes). With as many threads as cores, spinning threads compete with the
   numpy host code that runs between the graphs; ``False`` hands the cores back.
+
+``openvino`` options (all optional; the CPU plugin's properties, see
+``targets/x86_64/ov_options.py``): ``inference_num_threads``, ``num_streams`` (ints >= 0),
+``performance_hint`` (``LATENCY``/``THROUGHPUT``), ``enable_cpu_pinning`` (bool),
+``scheduling_core_type`` (``ANY_CORE``/``PCORE_ONLY``/``ECORE_ONLY``) and ``inference_precision``
+(``f32``/``bf16``/``f16``). The backend loads the OpenVINO IR (``<graph>.xml`` + ``.bin``) beside
+the name graph_spec.json gives (:data:`MODEL_SUFFIXES`).
 """
 
 from __future__ import annotations
@@ -152,7 +159,119 @@ def make_onnxruntime(model_path: Path, options: Mapping[str, Any]) -> GraphFn:
     return OrtGraph(session, Path(model_path))
 
 
-BACKENDS: dict[str, BackendFactory] = {"onnxruntime": make_onnxruntime}
+OPENVINO_OPTIONS = (
+    "inference_num_threads",
+    "performance_hint",
+    "num_streams",
+    "enable_cpu_pinning",
+    "scheduling_core_type",
+    "inference_precision",
+)
+
+
+class OpenVinoGraph:
+    """One OpenVINO compiled model (CPU plugin) behind the :data:`GraphFn` call signature.
+
+    Inputs are fed and outputs returned by tensor name (every name an output port carries), so
+    the engine reads the same names from an IR as from the ONNX graph it was converted from.
+    """
+
+    def __init__(self, compiled: Any, path: Path) -> None:
+        self.compiled = compiled
+        self.path = path
+        self.request = compiled.create_infer_request()
+        self.input_names = [port.any_name for port in compiled.inputs]
+        self.outputs = [(port, sorted(port.get_names())) for port in compiled.outputs]
+        unnamed = [str(port) for port, names in self.outputs if not names]
+        if unnamed:
+            raise RunnerError(
+                f"{path}: outputs without tensor names ({', '.join(unnamed)}); the runner binds "
+                "outputs by name - convert the graph with its ONNX output names kept"
+            )
+        self.output_names = [name for _, names in self.outputs for name in names]
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise RunnerError(
+                f"{self.path.name}: inputs {missing} missing (given {sorted(inputs)})"
+            )
+        self.request.infer({n: np.ascontiguousarray(inputs[n]) for n in self.input_names})
+        result = {}
+        for port, names in self.outputs:
+            # the request's buffers are reused by the next call: copy out
+            value = np.array(self.request.get_tensor(port).data, copy=True)
+            for name in names:
+                result[name] = value
+        return result
+
+
+def openvino_config(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Validated OpenVINO CPU ``compile_model`` properties for ``options`` (module docstring)."""
+    unknown = sorted(set(options) - set(OPENVINO_OPTIONS))
+    if unknown:
+        raise RunnerError(
+            f"unknown openvino options {unknown}; known: {', '.join(OPENVINO_OPTIONS)}"
+        )
+    config: dict[str, Any] = {}
+    for key, prop in (("inference_num_threads", "INFERENCE_NUM_THREADS"),
+                      ("num_streams", "NUM_STREAMS")):
+        value = _int_option(options, key)
+        if value is not None:
+            config[prop] = value
+    choices = (
+        ("performance_hint", "PERFORMANCE_HINT", ("LATENCY", "THROUGHPUT")),
+        ("scheduling_core_type", "SCHEDULING_CORE_TYPE", ("ANY_CORE", "PCORE_ONLY", "ECORE_ONLY")),
+        ("inference_precision", "INFERENCE_PRECISION_HINT", ("f32", "bf16", "f16")),
+    )
+    for key, prop, allowed in choices:
+        value = _choice(options, key, {a: a for a in allowed})
+        if value is not None:
+            config[prop] = value
+    pinning = options.get("enable_cpu_pinning")
+    if pinning is not None:
+        if not isinstance(pinning, bool):
+            raise RunnerError(f"runtime option enable_cpu_pinning={pinning!r}: expected true/false")
+        config["ENABLE_CPU_PINNING"] = pinning
+    return config
+
+
+def make_openvino(model_path: Path, options: Mapping[str, Any]) -> GraphFn:
+    """An OpenVINO CPU compiled model for ``model_path`` (IR .xml or .onnx) with ``options``."""
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise RunnerError(
+            "the openvino backend needs the openvino package: pip install openvino"
+        ) from err
+
+    config = openvino_config(options)
+    try:
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+    except Exception as err:  # openvino raises RuntimeError/its own types
+        raise RunnerError(
+            f"{model_path}: openvino cannot load or compile this model ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); re-export the "
+            "bundle or use the openvino version named in its manifest"
+        ) from err
+    return OpenVinoGraph(compiled, Path(model_path))
+
+
+BACKENDS: dict[str, BackendFactory] = {"onnxruntime": make_onnxruntime, "openvino": make_openvino}
+# the graph file a backend loads: graph_spec.json names the ONNX file, a backend may read another
+# format of the same graph beside it (OpenVINO IR: backbone.xml + backbone.bin)
+MODEL_SUFFIXES: dict[str, str] = {"onnxruntime": ".onnx", "openvino": ".xml"}
+# the option that sets a backend's inference threads (the runner's and the bench's --threads)
+THREAD_OPTION: dict[str, str] = {
+    "onnxruntime": "intra_op_num_threads",
+    "openvino": "inference_num_threads",
+}
+
+
+def model_file(kind: str, models: Path, spec_file: str) -> Path:
+    """The file backend ``kind`` loads for the graph that graph_spec.json calls ``spec_file``."""
+    return Path(models) / Path(spec_file).with_suffix(MODEL_SUFFIXES.get(kind, ".onnx")).name
 
 
 def make_backend(

@@ -41,12 +41,11 @@ from typing import Any
 
 import numpy as np
 
-from maskedge_runner.backends import RunnerError
+from maskedge_runner.backends import THREAD_OPTION, RunnerError
 from maskedge_runner.engine import GRAPH_STAGES, STAGES, Engine, read_manifest
 from maskedge_runner.preprocess import IMAGE_SUFFIXES, ImageReadError, load_image
 
 HOST_POSTPROCESS = ("rpn_post", "roi_align_box", "box_post", "roi_align_mask", "mask_paste")
-THREAD_OPTION = {"onnxruntime": "intra_op_num_threads"}
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -111,6 +110,39 @@ def _runtime_version(backend: str) -> str | None:
         return None
 
 
+# CPU features that decide INT8 speed, as /proc/cpuinfo names them (x86 "flags", Arm "Features")
+CPU_FEATURES = (
+    "sse4_2", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+    "amx_bf16", "asimd", "asimddp", "i8mm", "sve", "fphp",
+)
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The :data:`CPU_FEATURES` this machine's CPU reports (empty where there is no cpuinfo)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            have = set(value.split())
+            return [f for f in CPU_FEATURES if f in have]
+    return []
+
+
+def _runtime_capabilities(backend: str) -> list[str] | None:
+    """What the runtime says the CPU can do for it (OpenVINO's OPTIMIZATION_CAPABILITIES)."""
+    if backend != "openvino":
+        return None
+    try:
+        import openvino as ov
+
+        return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    except Exception:  # noqa: BLE001 - an optional record, never a reason to fail the bench
+        return None
+
+
 def default_image(bundle: Path) -> Path:
     """The first image in ``bundle/samples/``, for a bench run without ``--image``."""
     samples = bundle / "samples"
@@ -139,7 +171,7 @@ def run_bench(
     bundle = Path(bundle)
     runtime = read_manifest(bundle).get("runtime", {})
     backend = backend or runtime.get("name") or "onnxruntime"
-    options = dict(runtime.get("options", {}))
+    options = dict(runtime.get("options", {})) if runtime.get("name", backend) == backend else {}
     options.update(runtime_options or {})
     if threads is not None:
         if threads < 1:
@@ -180,7 +212,8 @@ def run_bench(
         "bundle": str(bundle),
         "precision": precision,
         "backend": backend,
-        "runtime": {"name": backend, "version": _runtime_version(backend)},
+        "runtime": {"name": backend, "version": _runtime_version(backend),
+                    "capabilities": _runtime_capabilities(backend)},
         "runtime_options": options,
         "threads": {
             "option": THREAD_OPTION.get(backend),
@@ -192,6 +225,7 @@ def run_bench(
             "system": platform.system(),
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
+            "isa": cpu_features(),
             "python": platform.python_version(),
         },
         "image": {

@@ -6,6 +6,7 @@ Used for parity on the host and for inference on the device alike. A bundle fold
     models/<precision>/backbone.onnx image [1,3,S,S] -> FPN maps and RPN head outputs
     models/<precision>/box_head.onnx rois [N,C,7,7] -> class_logits, box_deltas
     models/<precision>/mask_head.onnx rois [N,C,14,14] -> mask_logits
+    models/<precision>/<graph>.xml/.bin  the same graphs as OpenVINO IR (openvino bundles)
     manifest.json                    optional; ["runtime"]["options"] are the default options
 
 One call handles one image: a batch is a list of images run one after another
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from maskedge_runner import postprocess as pp
-from maskedge_runner.backends import GraphFn, RunnerError, make_backend
+from maskedge_runner.backends import GraphFn, RunnerError, make_backend, model_file
 from maskedge_runner.detections import Detections
 from maskedge_runner.preprocess import boxes_to_original, letterbox
 
@@ -98,13 +99,16 @@ class Engine:
         cls,
         folder: Path | str,
         precision: str = "int8",
-        backend: str = "onnxruntime",
+        backend: str | None = None,
         runtime_options: Mapping[str, Any] | None = None,
     ) -> Engine:
         """An engine on ``folder``'s ``models/<precision>`` graphs.
 
-        Runtime options default to the bundle manifest's ``["runtime"]["options"]`` (when there
-        is a manifest.json); ``runtime_options`` override them key by key.
+        ``backend`` defaults to the bundle manifest's ``["runtime"]["name"]``, else
+        ``onnxruntime``; each backend loads its own file format of a graph
+        (:func:`maskedge_runner.backends.model_file`). Runtime options default to the manifest's
+        ``["runtime"]["options"]`` when the manifest's runtime is that backend;
+        ``runtime_options`` override them key by key.
         """
         folder = Path(folder)
         spec_path = folder / "graph_spec.json"
@@ -121,10 +125,15 @@ class Engine:
                 f"{models}: no {precision} models in this bundle (it has: "
                 f"{', '.join(have) or 'none'}); pick one of those precisions"
             )
-        options = dict(read_manifest(folder).get("runtime", {}).get("options", {}))
+        runtime = read_manifest(folder).get("runtime", {})
+        backend = backend or runtime.get("name") or "onnxruntime"
+        options = {}
+        if runtime.get("name", backend) == backend:
+            options.update(runtime.get("options", {}))
         options.update(runtime_options or {})
         graphs = {
-            name: make_backend(backend, models / spec["graphs"][name]["file"], options)
+            name: make_backend(backend, model_file(backend, models, spec["graphs"][name]["file"]),
+                               options)
             for name in GRAPHS
         }
         engine = cls(spec, graphs)

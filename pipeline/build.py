@@ -416,9 +416,11 @@ def _write_sample(staging: Path, val) -> Path:
 def _host() -> dict[str, Any]:
     import os
 
+    from maskedge_runner.bench import cpu_features
+
     return {"machine": platform.machine(), "system": platform.system(),
             "python": platform.python_version(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "isa": cpu_features()}
 
 
 def _summary_table(manifest: dict[str, Any]) -> None:
@@ -470,6 +472,11 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
     for p in ("fp32", "int8"):
         e = manifest["latency"][p]["end_to_end_ms"]
         lines.append(f"- {p}: p50 {e['p50']:.1f} ms, p90 {e['p90']:.1f} ms, p99 {e['p99']:.1f} ms")
+    isa = manifest["host"].get("isa")
+    if isa:
+        lines += ["", f"Host CPU features: {', '.join(isa) or 'none of those checked'}."]
+    if manifest.get("comparison"):
+        lines += [""] + manifest["comparison"]["markdown"]
     lines += ["", "Full figures: `manifest.json`.", "", "## Known limitations", ""]
     lines += [f"- {x}" for x in manifest["known_limitations"]]
     path.write_text("\n".join(lines) + "\n")
@@ -477,8 +484,9 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
 
 def run_build(config: BuildConfig) -> dict[str, Any]:
     """Run every stage for ``config``; return the manifest. Raises GateError on a failed gate."""
-    import onnxruntime
+    import importlib
 
+    from maskedge_runner.backends import model_file
     from pipeline.bundle import (
         copy_runner,
         file_hashes,
@@ -526,10 +534,14 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
     try:
         shutil.copytree(export_dir / "models" / "fp32", staging / "models" / "fp32")
         shutil.copytree(quant_dir / "models" / "int8", staging / "models" / "int8")
+        if (quant_dir / "models" / "fp32").is_dir():  # the target runtime's own FP32 format
+            shutil.copytree(quant_dir / "models" / "fp32", staging / "models" / "fp32",
+                            dirs_exist_ok=True)
         shutil.copy2(export_dir / "graph_spec.json", staging / "graph_spec.json")
         copy_runner(staging)
         graph_spec = json.loads((staging / "graph_spec.json").read_text())
-        runtime = {"name": target.runtime, "version": onnxruntime.__version__,
+        runtime = {"name": target.runtime,
+                   "version": importlib.import_module(target.runtime).__version__,
                    "opset": graph_spec.get("opset"),
                    "options": profile.runtime.to_backend_options()}
         classes = [{"label": i + 1, "name": n, "category_id": c}
@@ -546,10 +558,24 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
         stages.end("latency", t0, False, None,
                    f"INT8 p90 {latency['int8']['end_to_end_ms']['p90']:.1f} ms, "
                    f"INT8/FP32 {latency['int8_over_fp32']['end_to_end_p50']:.2f}x")
+        comparison = None
+        if target.compare is not None:  # other runtimes on this host, for the report
+            t0 = stages.begin("compare")
+            comparison = target.compare(
+                staging=staging, quant_dir=quant_dir, profile=profile, val=data.val,
+                limit=config.val_limit, runs=config.latency_runs, warmup=config.latency_warmup,
+                image=sample, parity=parity, latency=latency)
+            stages.end("compare", t0, False, None, comparison["headline"])
         gate = _judge(parity, latency, profile)
+        model_files = {p: {g: model_file(target.backend, Path("models") / p,
+                                         graph_spec["graphs"][g]["file"]).as_posix()
+                           for g in ("backbone", "box_head", "mask_head")}
+                       for p in ("int8", "fp32")}
 
-        def size_mb(folder: Path) -> float:
-            return round(sum(p.stat().st_size for p in folder.glob("*.onnx")) / 1e6, 2)
+        def size_mb(precision: str) -> float:
+            files = [staging / f for f in model_files[precision].values()]
+            files += [f.with_suffix(".bin") for f in files if f.with_suffix(".bin").is_file()]
+            return round(sum(f.stat().st_size for f in files) / 1e6, 2)
 
         manifest = {
             "format": "maskedge-bundle", "format_version": 1,
@@ -564,9 +590,7 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
             "thresholds": {k: graph_spec["roi_heads"][k] for k in ("score_thresh", "nms_thresh",
                                                                    "detections_per_img")},
             "runtime": runtime,
-            "models": {p: {g: f"models/{p}/{g}.onnx" for g in ("backbone", "box_head",
-                                                              "mask_head")}
-                       for p in ("int8", "fp32")},
+            "models": model_files,
             "teacher": {"checkpoint": str(teacher_path), "sha256": teacher_hash,
                         "arch": loaded.spec.to_dict() if loaded.spec else loaded.arch,
                         "parameters": count_parameters(loaded.model),
@@ -579,10 +603,10 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
                              "report": quant_report},
             "calibration": {"manifest_sha256": hash_json(calib_manifest),
                             "manifest": calib_manifest},
-            "parity": parity, "latency": latency, "gate": gate,
+            "parity": parity, "latency": latency, "gate": gate, "comparison": comparison,
             "sizes_mb": {"teacher": round(teacher_path.stat().st_size / 1e6, 2),
-                         "fp32": size_mb(staging / "models" / "fp32"),
-                         "int8": size_mb(staging / "models" / "int8")},
+                         "fp32": size_mb("fp32"),
+                         "int8": size_mb("int8")},
             "stages": stages.record,
             "known_limitations": KNOWN_LIMITATIONS + list(quant_report.get("limitations", [])),
             "bundle_path": str(config.artifacts / target.name),

@@ -3,8 +3,9 @@
 A target names its runtime backend (a key of ``maskedge_runner.backends.BACKENDS``), its quantizer
 (``quantize(fp32_dir, out_dir, calibration_inputs, settings) -> report``), the schema of its
 runtime options, the ISA features its profiles describe, its profiles folder and its default
-profile. Each target is a subpackage of ``targets`` whose ``__init__`` defines ``TARGET``; adding a
-target means adding such a folder (with ``profiles/*.json``) - nothing else in maskedge names
+profile, and optionally a ``compare`` hook that measures other runtimes beside it for the build
+report. Each target is a subpackage of ``targets`` whose ``__init__`` defines ``TARGET``; adding
+a target means adding such a folder (with ``profiles/*.json``) - nothing else in maskedge names
 targets.
 
     get_target("arm64")          the Target (aliases such as "aarch64" work too)
@@ -50,6 +51,9 @@ class Target:
     aliases: tuple[str, ...] = ()
     machines: tuple[str, ...] = ()  # platform.machine() values of this target's devices
     extras: str = ""  # the pyproject extra that installs the device runtime
+    # optional: other runtimes measured on the same host and val set for the report
+    # (compare(context) -> {"rows": [...], "markdown": [...], ...}; see pipeline.build)
+    compare: Callable[..., dict[str, Any]] | None = None
 
     @property
     def runtime(self) -> str:

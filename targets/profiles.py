@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANT_TYPES = ("int8", "uint8")
+PRESETS = ("performance", "mixed")
+NNCF_FIELDS = ("preset", "ignored_names", "ignored_types", "ignored_patterns")
 
 
 class RuntimeOptions(Protocol):
@@ -122,8 +125,28 @@ class QuantizationSettings:
     min_output_cosine: float = 0.99
     max_float_layers: int = 8
     search_seconds: float = 300.0
+    # NNCF (OpenVINO targets): the quantization preset (None: the quantizer's default) and the
+    # IgnoredScope - OpenVINO op names, OpenVINO op types and regular expressions over op names
+    # that stay in float. ONNX Runtime targets keep float with keep_float_nodes/op_types instead.
+    preset: str | None = None
+    ignored_names: tuple[str, ...] = ()
+    ignored_types: tuple[str, ...] = ()
+    ignored_patterns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _check(
+            self.preset is None or self.preset in PRESETS,
+            "quantization.preset",
+            self.preset,
+            f"must be one of {', '.join(PRESETS)} (or left out)",
+        )
+        for pattern in self.ignored_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise _FieldError(
+                    "quantization.ignored_patterns", pattern, f"is not a regular expression ({err})"
+                ) from None
         _check(
             self.calibrate_method in CALIBRATION_METHODS,
             "quantization.calibrate_method",
@@ -163,8 +186,16 @@ class QuantizationSettings:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data (lists, not tuples), for reports and cache keys."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """Plain JSON data (lists, not tuples), for reports and cache keys.
+
+        The NNCF fields are left out while they hold their defaults, so that the cache keys of
+        builds that do not use them stay what they were before the fields existed.
+        """
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        for key in NNCF_FIELDS:
+            if data[key] in (None, []):
+                del data[key]
+        return data
 
     def with_(self, **changes: Any) -> QuantizationSettings:
         """A copy with ``changes`` applied (and validated)."""
