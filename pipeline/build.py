@@ -203,7 +203,7 @@ def _stage_distill(stages: _Stages, config: BuildConfig, loaded, teacher_hash: s
     spec = student_spec(loaded.num_classes, backbone=config.student,
                         image_size=config.image_size)
     key_parts = {"teacher": teacher_hash, "student": spec.to_dict(),
-                 "settings": asdict(settings), "train": data.train_hash, "version": __version__}
+                 "settings": settings.cache_key(), "train": data.train_hash, "version": __version__}
     key = hash_json(key_parts)
     entry = stages.cache.lookup("distill", key)
     cached = entry is not None

@@ -85,8 +85,7 @@ from pipeline.train import (
 
 log = logging.getLogger(__name__)
 
-FPN_LEVELS = ("0", "1", "2", "pool")
-LABEL_MERGES = ("union", "gt_first")
+LABEL_MERGES = ("union", "gt_first", "gt_only")
 DETECTION_TERMS = (
     "loss_objectness",
     "loss_rpn_box_reg",
@@ -113,12 +112,41 @@ class DistillSettings:
     feature_global_weight: float = 0.1
     logit_weight: float = 1.0
     temperature: float = 2.0
+    channel_weight: float = 0.0
+    channel_temperature: float = 4.0
+    box_weight: float = 0.0
+    mask_weight: float = 0.0
     pseudo_label_threshold: float = 0.5
     use_gt: bool = True
     label_merge: str = "union"
     init_from_teacher: bool = True
     freeze_heads_steps: int = 0
     grad_clip: float = 10.0
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any signal comes from the teacher (False for the ground-truth-only baseline)."""
+        return (
+            self.init_from_teacher
+            or self.label_merge != "gt_only"
+            or not self.use_gt
+            or any(w > 0 for w in (self.feature_weight, self.logit_weight,
+                                   self.channel_weight, self.box_weight, self.mask_weight))
+        )
+
+    def cache_key(self) -> dict[str, Any]:
+        """The settings as a cache key: a method that is switched off is left out.
+
+        A switched-off term cannot change the student, so leaving it out keeps students distilled
+        before the term existed valid in the cache.
+        """
+        key = asdict(self)
+        for name in ("channel_weight", "box_weight", "mask_weight"):
+            if key[name] == 0:
+                del key[name]
+        if "channel_weight" not in key:
+            del key["channel_temperature"]
+        return key
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -136,23 +164,30 @@ class DistillSettings:
             "feature_weight": self.feature_weight,
             "feature_global_weight": self.feature_global_weight,
             "logit_weight": self.logit_weight,
+            "channel_weight": self.channel_weight,
+            "box_weight": self.box_weight,
+            "mask_weight": self.mask_weight,
         }
         negative = {k: v for k, v in weights.items() if not v >= 0}
         if negative:
             raise ConfigError(f"loss weights must be >= 0; got {negative}")
-        if self.detection_weight + self.feature_weight + self.logit_weight <= 0:
+        if sum(weights.values()) - self.feature_global_weight <= 0:
             raise ConfigError(
-                "detection_weight, feature_weight and logit_weight are all 0; "
-                "switch on at least one training signal"
+                f"the loss weights are all 0 ({weights}); switch on at least one training signal"
             )
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0 (2-4 is usual)")
+        if self.temperature <= 0 or self.channel_temperature <= 0:
+            raise ConfigError(
+                f"temperature={self.temperature} and channel_temperature="
+                f"{self.channel_temperature} must be > 0 (1-4 is usual)"
+            )
         if not 0.0 < self.pseudo_label_threshold <= 1.0:
             raise ConfigError(
                 f"pseudo_label_threshold={self.pseudo_label_threshold} must be in (0, 1]"
             )
         if self.label_merge not in LABEL_MERGES:
             raise ConfigError(f"label_merge={self.label_merge!r}; choose one of {LABEL_MERGES}")
+        if self.label_merge == "gt_only" and not self.use_gt:
+            raise ConfigError("label_merge='gt_only' with use_gt=False leaves no labels at all")
         if self.freeze_heads_steps < 0 or self.grad_clip <= 0:
             raise ConfigError(
                 f"freeze_heads_steps={self.freeze_heads_steps} must be >= 0 and "
@@ -281,7 +316,10 @@ def merge_targets(
 
     ``union``: ground truth plus the pseudo-labels that overlap no ground-truth box at IoU >= 0.5.
     ``gt_first``: ground truth where an image has any, pseudo-labels otherwise.
+    ``gt_only``: ground truth alone (the baseline without a teacher).
     """
+    if mode == "gt_only":
+        return gt
     out = []
     for g, p in zip(gt, pseudo, strict=True):
         if len(g["boxes"]) == 0:
@@ -322,6 +360,38 @@ def object_mask(
     return torch.stack(masks)
 
 
+def match_levels(
+    student_features: dict[str, torch.Tensor], teacher_features: dict[str, torch.Tensor]
+) -> list[tuple[str, str]]:
+    """Pairs ``(student level, teacher level)`` of FPN maps at the same stride.
+
+    Levels are matched by their spatial size on the same batch, so a teacher with other level
+    names or extra levels (torchvision's ResNet-50 FPN adds a stride-4 level ``"0"``) pairs each
+    student level with the teacher level at its stride. Student levels without a counterpart are
+    left out; no pair at all is a :class:`ConfigError`.
+    """
+    by_size: dict[tuple[int, int], str] = {}
+    for name, t in teacher_features.items():
+        by_size.setdefault((int(t.shape[-2]), int(t.shape[-1])), name)
+    pairs = []
+    for name, f in student_features.items():
+        size = (int(f.shape[-2]), int(f.shape[-1]))
+        same_name = teacher_features.get(name)
+        if same_name is not None and tuple(same_name.shape[-2:]) == size:
+            pairs.append((name, name))  # a namesake at the same stride wins a size tie
+        elif size in by_size:
+            pairs.append((name, by_size[size]))
+    if not pairs:
+        sizes = {k: tuple(v.shape[-2:]) for k, v in student_features.items()}
+        t_sizes = {k: tuple(v.shape[-2:]) for k, v in teacher_features.items()}
+        raise ConfigError(
+            f"the student's FPN levels {sizes} share no stride with the teacher's {t_sizes}; "
+            "feature distillation needs at least one common stride (set feature_weight=0 and "
+            "channel_weight=0 to distill without it)"
+        )
+    return pairs
+
+
 def feature_imitation_loss(
     student_features: dict[str, torch.Tensor],
     teacher_features: dict[str, torch.Tensor],
@@ -330,19 +400,20 @@ def feature_imitation_loss(
     global_weight: float,
     adapter: nn.Module | None = None,
 ) -> torch.Tensor:
-    """Object-weighted, scale-free MSE between FPN levels, averaged over levels.
+    """Object-weighted, scale-free MSE between FPN levels at the same stride, averaged.
 
-    Per level: the channel-mean squared error averaged over the cells inside target boxes (zero
-    when a batch has none), plus ``global_weight`` times the mean over all cells, both divided by
-    the teacher's mean squared activation on that level, so that a student predicting zeros
-    scores about ``1 + global_weight`` whatever the teacher's feature scale.
+    Per matched level pair (:func:`match_levels`): the channel-mean squared error averaged over
+    the cells inside target boxes (zero when a batch has none), plus ``global_weight`` times the
+    mean over all cells, both divided by the teacher's mean squared activation on that level, so
+    that a student predicting zeros scores about ``1 + global_weight`` whatever the teacher's
+    feature scale.
     """
     terms = []
-    for level in FPN_LEVELS:
-        s = student_features[level].float()
+    for s_level, t_level in match_levels(student_features, teacher_features):
+        s = student_features[s_level].float()
         if adapter is not None:
             s = adapter(s)
-        t = teacher_features[level].float()
+        t = teacher_features[t_level].float()
         err = (s - t).pow(2).mean(dim=1) / t.pow(2).mean().clamp(min=1e-6)  # (B, h, w)
         weight = object_mask(boxes, (err.shape[1], err.shape[2]), input_hw)
         local = (err * weight).sum() / weight.sum().clamp(min=1.0)
@@ -350,7 +421,33 @@ def feature_imitation_loss(
     return torch.stack(terms).mean()
 
 
-def roi_logit_kl(
+def channel_wise_loss(
+    student_features: dict[str, torch.Tensor],
+    teacher_features: dict[str, torch.Tensor],
+    temperature: float,
+    adapter: nn.Module | None = None,
+) -> torch.Tensor:
+    """Channel-wise distillation: per channel, KL between spatial softmaxes, averaged over levels.
+
+    Each channel of a matched level pair is turned into a distribution over locations by a
+    softmax at temperature ``T``; the loss is ``T^2 * KL(teacher || student)`` summed over the
+    locations and averaged over channels and images, so the student learns where each of the
+    teacher's channels fires most rather than its absolute values (Shu et al., ICCV 2021).
+    """
+    terms = []
+    for s_level, t_level in match_levels(student_features, teacher_features):
+        s = student_features[s_level].float()
+        if adapter is not None:
+            s = adapter(s)
+        t = teacher_features[t_level].float()
+        s_log = F.log_softmax(s.flatten(2) / temperature, dim=2)
+        t_prob = F.softmax(t.flatten(2) / temperature, dim=2)
+        kl = (t_prob * (torch.log(t_prob.clamp(min=1e-12)) - s_log)).sum(dim=2)  # (B, C)
+        terms.append(kl.mean() * temperature * temperature)
+    return torch.stack(terms).mean()
+
+
+def roi_distill_losses(
     teacher: MaskRCNN,
     student: MaskRCNN,
     teacher_features: dict[str, torch.Tensor],
@@ -358,25 +455,74 @@ def roi_logit_kl(
     proposals: list[torch.Tensor],
     image_sizes: list[tuple[int, int]],
     temperature: float,
-) -> torch.Tensor:
-    """``T^2 * KL(teacher || student)`` of the class softmax on shared proposals, per RoI."""
+) -> dict[str, torch.Tensor]:
+    """Class-logit and box-regression distillation on the teacher's proposals.
+
+    Both box heads run on the same proposals, each pooling from its own features.
+    ``logit_kl``: ``T^2 * KL(teacher || student)`` of the class softmax per RoI. ``box_kd``:
+    smooth-L1 between the two heads' regression deltas for the teacher's most likely foreground
+    class, weighted by the teacher's probability of that class, so background RoIs count little.
+    """
     with torch.no_grad():
         t_rois = teacher.roi_heads.box_roi_pool(teacher_features, proposals, image_sizes)
-        t_logits, _ = teacher.roi_heads.box_predictor(teacher.roi_heads.box_head(t_rois))
+        t_logits, t_deltas = teacher.roi_heads.box_predictor(teacher.roi_heads.box_head(t_rois))
     s_rois = student.roi_heads.box_roi_pool(student_features, proposals, image_sizes)
-    s_logits, _ = student.roi_heads.box_predictor(student.roi_heads.box_head(s_rois))
-    if s_logits.shape[0] == 0:
-        return s_logits.sum() * 0.0
+    s_logits, s_deltas = student.roi_heads.box_predictor(student.roi_heads.box_head(s_rois))
+    n = s_logits.shape[0]
+    if n == 0:
+        zero = s_logits.sum() * 0.0
+        return {"logit_kl": zero, "box_kd": zero}
     t = temperature
-    return (
-        F.kl_div(
-            F.log_softmax(s_logits.float() / t, dim=1),
-            F.softmax(t_logits.float() / t, dim=1),
-            reduction="batchmean",
-        )
-        * t
-        * t
-    )
+    logit_kl = F.kl_div(
+        F.log_softmax(s_logits.float() / t, dim=1),
+        F.softmax(t_logits.float() / t, dim=1),
+        reduction="batchmean",
+    ) * (t * t)
+    fg_prob, fg_class = F.softmax(t_logits.float(), dim=1)[:, 1:].max(dim=1)
+    rows = torch.arange(n, device=s_logits.device)
+    s_d = s_deltas.float().reshape(n, -1, 4)[rows, fg_class + 1]
+    t_d = t_deltas.float().reshape(n, -1, 4)[rows, fg_class + 1]
+    per_roi = F.smooth_l1_loss(s_d, t_d, beta=1.0 / 9, reduction="none").sum(dim=1)
+    box_kd = (per_roi * fg_prob).sum() / fg_prob.sum().clamp(min=1e-6)
+    return {"logit_kl": logit_kl, "box_kd": box_kd}
+
+
+def mask_distill_loss(
+    student: MaskRCNN,
+    student_features: dict[str, torch.Tensor],
+    teacher_detections: list[dict[str, torch.Tensor]],
+    image_sizes: list[tuple[int, int]],
+    min_score: float = 0.05,
+    per_image: int = 32,
+) -> torch.Tensor:
+    """Mask-logit distillation: per-pixel BCE of the student's mask logits on the teacher's boxes.
+
+    For each image the teacher's ``per_image`` best detections scoring at least ``min_score``
+    are pooled from the student's features; the student's mask logit of the teacher's class is
+    trained toward the teacher's mask probability (its own 28x28 output, resized if the heads'
+    resolutions differ), weighted by the detection's score.
+    """
+    boxes, labels, probs, scores = [], [], [], []
+    for det in teacher_detections:
+        keep = torch.nonzero(det["scores"] >= min_score).flatten()[:per_image]
+        boxes.append(det["boxes"][keep].float())
+        labels.append(det["labels"][keep])
+        probs.append(det["masks"][keep, 0].float())
+        scores.append(det["scores"][keep].float())
+    if sum(len(b) for b in boxes) == 0:
+        return next(iter(student_features.values())).sum() * 0.0
+    roi_heads = student.roi_heads
+    pooled = roi_heads.mask_roi_pool(student_features, boxes, image_sizes)
+    logits = roi_heads.mask_predictor(roi_heads.mask_head(pooled))  # (N, C, m, m)
+    label = torch.cat(labels)
+    logits = logits[torch.arange(len(label), device=logits.device), label].float()
+    target = torch.cat(probs)
+    if target.shape[-2:] != logits.shape[-2:]:
+        target = F.interpolate(target[:, None], size=logits.shape[-2:], mode="bilinear",
+                               align_corners=False)[:, 0]
+    weight = torch.cat(scores)
+    per_mask = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=(1, 2))
+    return (per_mask * weight).sum() / weight.sum().clamp(min=1e-6)
 
 
 def _prepare_batch(run: _Run, step: int) -> tuple[ImageList, list[dict[str, torch.Tensor]]]:
@@ -398,11 +544,14 @@ def _distill_step(run: _Run, step: int) -> dict[str, float]:
     batch, gt = _prepare_batch(run, step)
     amp = device.type == "cuda"
     input_hw = (int(batch.tensors.shape[-2]), int(batch.tensors.shape[-1]))
-    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
-        t_feats = run.teacher.backbone(batch.tensors)
-        t_props, _ = run.teacher.rpn(batch, t_feats)
-        t_dets, _ = run.teacher.roi_heads(t_feats, t_props, batch.image_sizes)
-    pseudo = pseudo_labels(t_dets, batch.image_sizes, s.pseudo_label_threshold)
+    pseudo: list[dict[str, torch.Tensor]] = []
+    if s.uses_teacher:
+        with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+            t_feats = run.teacher.backbone(batch.tensors)
+            t_props, _ = run.teacher.rpn(batch, t_feats)
+            t_dets, _ = run.teacher.roi_heads(t_feats, t_props, batch.image_sizes)
+        if s.label_merge != "gt_only":
+            pseudo = pseudo_labels(t_dets, batch.image_sizes, s.pseudo_label_threshold)
     targets = merge_targets(gt, pseudo, s.label_merge)
     with torch.autocast(device.type, enabled=amp):
         s_feats = run.student.backbone(batch.tensors)
@@ -420,8 +569,12 @@ def _distill_step(run: _Run, step: int) -> dict[str, float]:
                 s.feature_global_weight,
                 run.adapter,
             )
-        if s.logit_weight > 0:
-            terms["logit_kl"] = roi_logit_kl(
+        if s.channel_weight > 0:
+            terms["channel"] = channel_wise_loss(
+                s_feats, t_feats, s.channel_temperature, run.adapter
+            )
+        if s.logit_weight > 0 or s.box_weight > 0:
+            roi = roi_distill_losses(
                 run.teacher,
                 run.student,
                 t_feats,
@@ -430,10 +583,23 @@ def _distill_step(run: _Run, step: int) -> dict[str, float]:
                 batch.image_sizes,
                 s.temperature,
             )
-        loss = (
-            s.detection_weight * sum(terms[k] for k in DETECTION_TERMS if k in terms)
-            + s.feature_weight * terms.get("feature", 0.0)
-            + s.logit_weight * terms.get("logit_kl", 0.0)
+            if s.logit_weight > 0:
+                terms["logit_kl"] = roi["logit_kl"]
+            if s.box_weight > 0:
+                terms["box_kd"] = roi["box_kd"]
+        if s.mask_weight > 0:
+            terms["mask_kd"] = mask_distill_loss(
+                run.student, s_feats, t_dets, batch.image_sizes
+            )
+        weights = {
+            "feature": s.feature_weight,
+            "channel": s.channel_weight,
+            "logit_kl": s.logit_weight,
+            "box_kd": s.box_weight,
+            "mask_kd": s.mask_weight,
+        }
+        loss = s.detection_weight * sum(terms[k] for k in DETECTION_TERMS if k in terms) + sum(
+            w * terms[k] for k, w in weights.items() if k in terms
         )
     values = {k: float(v.detach()) for k, v in terms.items()}
     if not torch.isfinite(loss) or not all(math.isfinite(v) for v in values.values()):
@@ -451,15 +617,22 @@ def _distill_step(run: _Run, step: int) -> dict[str, float]:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     values["loss"] = float(loss.detach())
-    values["pseudo_labels_per_image"] = sum(len(p["boxes"]) for p in pseudo) / len(pseudo)
+    values["pseudo_labels_per_image"] = (
+        sum(len(p["boxes"]) for p in pseudo) / len(pseudo) if pseudo else 0.0
+    )
     return values
 
 
-def measure_feature_mse(teacher: MaskRCNN, student: MaskRCNN, images: list[np.ndarray]) -> float:
-    """Plain MSE between the two models' FPN levels on ``images``, averaged over levels.
+def measure_feature_mse(
+    teacher: MaskRCNN,
+    student: MaskRCNN,
+    images: list[np.ndarray],
+    adapter: nn.Module | None = None,
+) -> float:
+    """Plain MSE between the two models' FPN levels at the same stride, averaged over levels.
 
-    Both models run in eval mode on the student's transform of the images; the models' modes are
-    restored afterwards.
+    Both models run in eval mode on the student's transform of the images (the student's maps
+    through ``adapter`` when the widths differ); the models' modes are restored afterwards.
     """
     device = next(student.parameters()).device
     modes = teacher.training, student.training
@@ -474,9 +647,14 @@ def measure_feature_mse(teacher: MaskRCNN, student: MaskRCNN, images: list[np.nd
             batch, _ = student.transform(tensors)
             t_feats = teacher.backbone(batch.tensors.to(next(teacher.parameters()).device))
             s_feats = student.backbone(batch.tensors)
+            t_feats = {k: v.to(device) for k, v in t_feats.items()}
             errs = [
-                F.mse_loss(s_feats[k].float(), t_feats[k].float().to(device)).item()
-                for k in FPN_LEVELS
+                F.mse_loss(
+                    (adapter(s_feats[s_level]) if adapter is not None else s_feats[s_level])
+                    .float(),
+                    t_feats[t_level].float(),
+                ).item()
+                for s_level, t_level in match_levels(s_feats, t_feats)
             ]
     finally:
         teacher.train(modes[0])
@@ -499,7 +677,7 @@ def _fingerprint(
     else:
         names = [str(p) for p in data.paths]
     return {
-        "settings": asdict(settings),
+        "settings": settings.cache_key(),
         "student_spec": spec.to_dict(),
         "teacher_sha256": digest.hexdigest(),
         "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
@@ -667,6 +845,11 @@ def distill(
             f"{teacher_classes} (background included); they must agree"
         )
     data = _resolve_data(train, teacher_classes)
+    if settings.label_merge == "gt_only" and isinstance(data, ImageFiles):
+        raise ConfigError(
+            "label_merge='gt_only' (the ground-truth baseline) needs a labelled COCO set; "
+            f"got {len(data)} unlabelled images"
+        )
     ckpt_path = Path(workdir) / "last.pt"
     device = pick_device()
     t0 = time.time()
@@ -687,7 +870,7 @@ def distill(
         start = _resume(run, ckpt_path, fingerprint)
         probe = [data.load_image(i) for i in data.image_ids[:8]]
         if run.feature_mse_before is None:
-            run.feature_mse_before = measure_feature_mse(teacher, run.student, probe)
+            run.feature_mse_before = measure_feature_mse(teacher, run.student, probe, run.adapter)
 
         run_t0, seconds_before = time.time(), run.seconds
         with step_progress("distill", settings.steps, start) as advance:
@@ -699,7 +882,7 @@ def distill(
                 if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
                     _save_state(run, ckpt_path, step + 1, fingerprint)
         seconds_this_run = time.time() - run_t0
-        feature_mse_after = measure_feature_mse(teacher, run.student, probe)
+        feature_mse_after = measure_feature_mse(teacher, run.student, probe, run.adapter)
 
         student = run.student.cpu().eval()
         teacher.cpu()
