@@ -35,7 +35,9 @@ weights allow equally (e.g. ``maskedge_resnet18`` and ``maskrcnn_resnet18_fpn``)
 
 Class names come from ``class_names`` (a list, a comma-separated string, a text file with one
 name per line, or a COCO annotation file, whose category ids are then kept), else from the
-checkpoint, else are ``class_1..class_K``; predictions map back to ``category_ids``.
+checkpoint, else from ``class_names_fallback`` (a COCO file; ``invoke build`` passes its
+validation or training annotations), else are ``class_1..class_K``; predictions map back to
+``category_ids``.
 
 Known limits: anchor sizes, RoI budgets and score/NMS thresholds are not stored in weights; for
 torchvision layouts they take torchvision's defaults (anchors 32..512, one size per FPN level,
@@ -314,6 +316,7 @@ def _read(path: Path, trust: bool) -> Any:
             f"{path}: looks like a safetensors file; maskedge reads torch.save files: "
             "re-save with `torch.save(safetensors.torch.load_file(path), 'weights.pt')`"
         )
+    _check_container(path, head)
 
     if _is_torchscript(path):
         if not trust:
@@ -364,12 +367,77 @@ def _read(path: Path, trust: bool) -> Any:
                 'only the weights, e.g. `torch.save(ckpt["model"], "weights.pt")`'
             ) from err
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})"
+            f"{path}: not a readable PyTorch checkpoint: truncated or damaged, or its pickle "
+            f"was not written by torch.save. {RESAVE}"
         ) from err
     except Exception as err:  # RuntimeError, EOFError, zip errors... for a truncated/other file
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {_first_line(err)})"
+            f"{path}: not a readable PyTorch checkpoint: truncated or damaged, or not written "
+            f"by torch.save ({type(err).__name__}: {_first_line(err)}). {RESAVE}"
         ) from err
+
+
+RESAVE = (
+    "Copy or download it again (compare its size with the original), or re-save the weights "
+    'from the training run with `torch.save(model.state_dict(), "weights.pt")`'
+)
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTOCOL = b"\x80"
+
+
+def _check_container(path: Path, head: bytes) -> None:
+    """Refuse, with what to do, files that cannot be a ``torch.save`` file at all.
+
+    ``torch.save`` writes a zip archive (legacy files: a pickle, starting with its protocol
+    byte). An empty file, a text file (a Git LFS pointer, an HTML error page saved under the
+    checkpoint's name) or a zip archive cut short would otherwise surface as torch's own
+    ``EOFError`` / ``weights_only`` / miniz messages, which suggest the wrong remedies.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(
+            f"{path}: is empty (0 bytes), so it holds no weights; the save or the copy was "
+            f"interrupted. {RESAVE}"
+        )
+    if head.startswith(ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            raise CheckpointError(
+                f"{path}: a zip archive (as torch.save writes) that is truncated or damaged "
+                f"({size} bytes; {err}). {RESAVE}"
+            ) from err
+        if not any(n.endswith(("data.pkl", "constants.pkl")) for n in names):
+            raise CheckpointError(
+                f"{path}: a zip archive, but not one torch.save wrote (no data.pkl among "
+                f"{len(names)} entries, e.g. {names[:3]}); unpack it and pass the .pt/.pth "
+                "file inside"
+            )
+        return
+    if head.startswith(PICKLE_PROTOCOL):
+        return
+    with path.open("rb") as f:
+        sample = f.read(512)
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\0" not in text and text.strip():
+        first = text.strip().splitlines()[0][:80]
+        if text.startswith("version https://git-lfs"):
+            what = "a Git LFS pointer"
+            todo = "fetch the real file with `git lfs pull` in the repository it came from"
+        elif text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml")):
+            what = "a web page (an error or login page saved by a failed download)"
+            todo = "download the checkpoint again"
+        else:
+            what = "a text file"
+            todo = RESAVE[0].lower() + RESAVE[1:]
+        raise CheckpointError(
+            f"{path}: is {what} ({size} bytes, starting {first!r}), not a PyTorch "
+            f"checkpoint; {todo}"
+        )
 
 
 def _first_line(err: BaseException) -> str:
@@ -944,7 +1012,11 @@ def _labels_for_categories(
 
 
 def _resolve_classes(
-    num_classes: int, option: Sequence[str] | str | Path | None, info: dict[str, Any], path: Path
+    num_classes: int,
+    option: Sequence[str] | str | Path | None,
+    info: dict[str, Any],
+    path: Path,
+    fallback: Path | None = None,
 ) -> tuple[list[str], list[int], str]:
     labels = num_classes - 1
     ids: list[int] | None
@@ -952,6 +1024,20 @@ def _resolve_classes(
         names, ids, source = _names_from_option(option, labels)
     elif "class_names" in info:
         names, ids, source = list(info["class_names"]), info.get("category_ids"), "checkpoint"
+    elif fallback is not None:
+        log.info(
+            "%s: no class names in the checkpoint; taking them and their category ids from %s "
+            "(--class-names overrides)",
+            path,
+            fallback,
+        )
+        try:
+            names, ids, source = _names_from_option(Path(fallback), labels)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"{err} (the checkpoint names no classes, so they were taken from this file; "
+                "pass --class-names with the model's classes in label order)"
+            ) from err
     else:
         log.info(
             "%s: no class names in the checkpoint; using class_1..class_%d (pass "
@@ -989,12 +1075,15 @@ def load_checkpoint(
     trust: bool = False,
     min_size: int | None = None,
     max_size: int | None = None,
+    class_names_fallback: Path | str | None = None,
 ) -> LoadedModel:
     """Read ``path`` and return the model (float32, eval mode, on CPU) with its metadata.
 
     ``arch`` and ``num_classes`` (background included) check, or choose between, what the
-    weights say; ``class_names`` names the classes (see the module docstring); ``trust`` allows
-    full unpickling; ``min_size``/``max_size`` set the model's input size.
+    weights say; ``class_names`` names the classes (see the module docstring), and when neither
+    it nor the checkpoint does, the COCO file ``class_names_fallback`` (a build's val or train
+    annotations) does; ``trust`` allows full unpickling; ``min_size``/``max_size`` set the
+    model's input size.
     """
     path = Path(path)
     _check_option("num_classes", num_classes)
@@ -1082,7 +1171,8 @@ def load_checkpoint(
     _load_strict(model, state, path, name)
     model.eval()
 
-    names, ids, names_from = _resolve_classes(inferred, class_names, info, path)
+    fallback = Path(class_names_fallback) if class_names_fallback is not None else None
+    names, ids, names_from = _resolve_classes(inferred, class_names, info, path, fallback)
     stored = obj.get("metadata") if maskedge else None
     metadata = dict(stored) if isinstance(stored, Mapping) else {}
     metadata["checkpoint_fields"] = {

@@ -587,9 +587,9 @@ def _truncated(tmp_path: Path) -> Path:
     [
         (lambda p: p / "missing.pt", "checkpoint file not found"),
         (lambda p: p, "is a folder"),
-        (lambda p: _write(p / "empty.pt", b""), "not a readable PyTorch"),
+        (lambda p: _write(p / "empty.pt", b""), "is empty (0 bytes)"),
         (lambda p: _write(p / "rand.pt", bytes(range(256)) * 8), "not a readable PyTorch"),
-        (_truncated, "not a readable PyTorch"),
+        (_truncated, "truncated or damaged"),
         (
             lambda p: _save({"epoch": 3, "optimizer": {}}, p / "noweights.pt"),
             "a dict without model weights",
@@ -611,6 +611,100 @@ def test_unusable_files_get_one_clear_error(
         load_checkpoint(path)
     assert str(path) in str(err.value)
     assert expected in str(err.value)
+
+
+def _zip_of_other_files(tmp_path: Path) -> Path:
+    import zipfile
+
+    path = tmp_path / "weights.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("model/weights.bin", b"\0" * 64)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "what", "todo"),
+    [
+        (lambda p: _write(p / "empty.pt", b""), "is empty (0 bytes)", "re-save the weights"),
+        (
+            lambda p: _write(p / "notes.pt", b"epoch 3, mAP 0.41\nsaved to model_3.pth\n"),
+            "is a text file (39 bytes, starting 'epoch 3, mAP 0.41')",
+            "re-save the weights",
+        ),
+        (
+            lambda p: _write(p / "model.pth", b"<!DOCTYPE html>\n<html><body>403</body></html>"),
+            "is a web page",
+            "download the checkpoint again",
+        ),
+        (
+            lambda p: _write(
+                p / "lfs.pt", b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n"
+            ),
+            "is a Git LFS pointer",
+            "git lfs pull",
+        ),
+        (_truncated, "a zip archive (as torch.save writes) that is truncated or damaged", "again"),
+        (_zip_of_other_files, "not one torch.save wrote (no data.pkl", "pass the .pt/.pth file"),
+        (
+            lambda p: _write(p / "legacy.pt", b"\x80\x02}q\x00(X"),
+            "not a readable PyTorch checkpoint: truncated or damaged",
+            "re-save the weights",
+        ),
+    ],
+)
+def test_broken_files_say_what_they_are_and_what_to_do(
+    tmp_path: Path, make: Callable[[Path], Path], what: str, todo: str
+) -> None:
+    """A 0-byte file, a text file saved as ``.pt``, a truncated zip: what it is, what to do.
+
+    Never torch's own advice to retry with ``weights_only=False``.
+    """
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ")
+    assert what in message
+    assert todo in message
+    assert "weights_only" not in message
+
+
+def test_class_names_fallback_coco_maps_to_its_category_ids(tmp_path: Path) -> None:
+    """A checkpoint without names takes them, and the category ids, from the build's COCO file."""
+    state = build_model(student_spec(num_classes=4, image_size=SIZE)).state_dict()
+    path = _save({"model": state}, tmp_path / "w.pt")
+    coco = _coco_categories(tmp_path / "val.json", [(20, "cone"), (3, "disk"), (7, "block")])
+
+    loaded = load_checkpoint(path, class_names_fallback=coco)
+
+    assert loaded.class_names == ["disk", "block", "cone"]
+    assert loaded.label_to_cat == {1: 3, 2: 7, 3: 20}
+    assert loaded.metadata["loaded_as"]["class_names_from"] == str(coco)
+    assert load_checkpoint(path, class_names="a,b,c", class_names_fallback=coco).category_ids == [
+        1,
+        2,
+        3,
+    ]
+
+
+def test_class_names_fallback_never_overrides_the_checkpoint(
+    three_class_checkpoint: Path, tmp_path: Path
+) -> None:
+    coco = _coco_categories(tmp_path / "val.json", [(5, "x"), (6, "y"), (7, "z")])
+    loaded = load_checkpoint(three_class_checkpoint, class_names_fallback=coco)
+    assert loaded.class_names == ["cat", "dog", "bird"]
+    assert loaded.metadata["loaded_as"]["class_names_from"] == "checkpoint"
+
+
+def test_class_names_fallback_that_does_not_fit_says_what_to_pass(tmp_path: Path) -> None:
+    state = build_model(student_spec(num_classes=4, image_size=SIZE)).state_dict()
+    path = _save(state, tmp_path / "w.pt")
+    coco = _coco_categories(tmp_path / "val.json", [(10, "a"), (11, "b")])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, class_names_fallback=coco)
+    message = str(err.value)
+    assert "2 categories (ids [10, 11])" in message and "predict 3 classes" in message
+    assert "pass --class-names" in message
 
 
 def test_diverged_weights_are_refused(tmp_path: Path) -> None:
