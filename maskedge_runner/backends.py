@@ -23,6 +23,10 @@ it is first used, so the runner imports only the runtime it runs.
 (``f32``/``bf16``/``f16``; default ``f32``, where OpenVINO itself would pick bf16 on CPUs that
 have it). The backend loads the OpenVINO IR (``<graph>.xml`` + ``.bin``) beside
 the name graph_spec.json gives (:data:`MODEL_SUFFIXES`).
+
+``litert`` options (all optional; see :mod:`maskedge_runner.litert`): ``num_threads`` (int >= 1)
+and ``use_xnnpack`` (bool, default true). The backend loads ``<graph>.tflite`` and its
+``<graph>.io.json`` (layout, signature keys and RoI rows per call, verified at build time).
 """
 
 from __future__ import annotations
@@ -262,15 +266,41 @@ def make_openvino(model_path: Path, options: Mapping[str, Any]) -> GraphFn:
     return OpenVinoGraph(compiled, Path(model_path))
 
 
-BACKENDS: dict[str, BackendFactory] = {"onnxruntime": make_onnxruntime, "openvino": make_openvino}
+def make_litert(model_path: Path, options: Mapping[str, Any]) -> GraphFn:
+    """A LiteRT interpreter for ``model_path`` (``.tflite`` + ``.io.json``); see
+    :mod:`maskedge_runner.litert` (imported here, on first use, with ``ai_edge_litert``)."""
+    from maskedge_runner.litert import make_litert as make
+
+    return make(model_path, options)
+
+
+BACKENDS: dict[str, BackendFactory] = {
+    "onnxruntime": make_onnxruntime,
+    "openvino": make_openvino,
+    "litert": make_litert,
+}
 # the graph file a backend loads: graph_spec.json names the ONNX file, a backend may read another
-# format of the same graph beside it (OpenVINO IR: backbone.xml + backbone.bin)
-MODEL_SUFFIXES: dict[str, str] = {"onnxruntime": ".onnx", "openvino": ".xml"}
+# format of the same graph beside it (OpenVINO IR: backbone.xml + backbone.bin; LiteRT:
+# backbone.tflite + backbone.io.json)
+MODEL_SUFFIXES: dict[str, str] = {"onnxruntime": ".onnx", "openvino": ".xml", "litert": ".tflite"}
 # the option that sets a backend's inference threads (the runner's and the bench's --threads)
 THREAD_OPTION: dict[str, str] = {
     "onnxruntime": "intra_op_num_threads",
     "openvino": "inference_num_threads",
+    "litert": "num_threads",
 }
+# the Python module that holds a backend's runtime, where it is not named like the backend
+RUNTIME_MODULES: dict[str, str] = {"litert": "ai_edge_litert"}
+
+
+def runtime_version(kind: str) -> str | None:
+    """The installed version of backend ``kind``'s runtime (None when it is not importable)."""
+    import importlib
+
+    try:
+        return str(importlib.import_module(RUNTIME_MODULES.get(kind, kind)).__version__)
+    except (ImportError, AttributeError):
+        return None
 
 
 def model_file(kind: str, models: Path, spec_file: str) -> Path:

@@ -30,7 +30,6 @@ thermally throttled machine they vary from run to run.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from maskedge_runner.backends import THREAD_OPTION, RunnerError
+from maskedge_runner.backends import THREAD_OPTION, RunnerError, runtime_version
 from maskedge_runner.engine import GRAPH_STAGES, STAGES, Engine, read_manifest
 from maskedge_runner.preprocess import IMAGE_SUFFIXES, ImageReadError, load_image
 
@@ -104,10 +103,7 @@ def _peak_rss_mb() -> float | None:
 
 
 def _runtime_version(backend: str) -> str | None:
-    try:
-        return str(importlib.import_module(backend).__version__)
-    except (ImportError, AttributeError):
-        return None
+    return runtime_version(backend)
 
 
 # CPU features that decide INT8 speed, as /proc/cpuinfo names them (x86 "flags", Arm "Features")

@@ -484,9 +484,7 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
 
 def run_build(config: BuildConfig) -> dict[str, Any]:
     """Run every stage for ``config``; return the manifest. Raises GateError on a failed gate."""
-    import importlib
-
-    from maskedge_runner.backends import model_file
+    from maskedge_runner.backends import model_file, runtime_version
     from pipeline.bundle import (
         copy_runner,
         file_hashes,
@@ -529,6 +527,8 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
     export_dir = _stage_export(stages, student, student_hash)
     quant_dir, quant_report, calib_manifest = _stage_calibrate_quantize(
         stages, config, target, profile, export_dir, data)
+    if target.check_profile is not None:  # what this profile asks of the converted graphs
+        target.check_profile(profile, quant_report)
 
     staging = new_staging(config.artifacts, target.name)
     try:
@@ -540,8 +540,7 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
         shutil.copy2(export_dir / "graph_spec.json", staging / "graph_spec.json")
         copy_runner(staging)
         graph_spec = json.loads((staging / "graph_spec.json").read_text())
-        runtime = {"name": target.runtime,
-                   "version": importlib.import_module(target.runtime).__version__,
+        runtime = {"name": target.runtime, "version": runtime_version(target.runtime),
                    "opset": graph_spec.get("opset"),
                    "options": profile.runtime.to_backend_options()}
         classes = [{"label": i + 1, "name": n, "category_id": c}

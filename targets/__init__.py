@@ -4,9 +4,10 @@ A target names its runtime backend (a key of ``maskedge_runner.backends.BACKENDS
 (``quantize(fp32_dir, out_dir, calibration_inputs, settings) -> report``), the schema of its
 runtime options, the ISA features its profiles describe, its profiles folder and its default
 profile, and optionally a ``compare`` hook that measures other runtimes beside it for the build
-report. Each target is a subpackage of ``targets`` whose ``__init__`` defines ``TARGET``; adding
-a target means adding such a folder (with ``profiles/*.json``) - nothing else in maskedge names
-targets.
+report and a ``check_profile`` hook that checks the quantized graphs against what the profile
+requires (e.g. a delegate the graphs must be able to use). Each target is a subpackage of
+``targets`` whose ``__init__`` defines ``TARGET``; adding a target means adding such a folder
+(with ``profiles/*.json``) - nothing else in maskedge names targets.
 
     get_target("arm64")          the Target (aliases such as "aarch64" work too)
     list_targets()               every Target, by name
@@ -54,6 +55,10 @@ class Target:
     # optional: other runtimes measured on the same host and val set for the report
     # (compare(context) -> {"rows": [...], "markdown": [...], ...}; see pipeline.build)
     compare: Callable[..., dict[str, Any]] | None = None
+    # optional: what a profile requires of the quantized graphs beyond the quantizer's settings
+    # (check_profile(profile, quantize_report) raises ConversionError naming what fails); run
+    # on every build, the quantize stage cached or not
+    check_profile: Callable[[HardwareProfile, Mapping[str, Any]], None] | None = None
 
     @property
     def runtime(self) -> str:
