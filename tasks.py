@@ -2,12 +2,15 @@
 
 This file only parses arguments, sets up logging and maps errors to exit codes; the work lives in
 ``pipeline``. A maskedge error reaches the user as one line and exit code 1 (``--debug`` shows
-the traceback); a failed gate exits 2 after the report is written.
+the traceback); a failed gate exits 2 after the report is written. Bundles, the stage cache and the
+generated demo data go under ``artifacts/`` next to this file, or under ``$MASKEDGE_ARTIFACTS``
+when that is set.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,7 +18,7 @@ from pathlib import Path
 from invoke import Exit, task
 
 REPO = Path(__file__).resolve().parent
-ARTIFACTS = REPO / "artifacts"
+ARTIFACTS = Path(os.environ.get("MASKEDGE_ARTIFACTS") or REPO / "artifacts").expanduser()
 
 
 def _setup_logging(debug: bool = False) -> None:
@@ -103,6 +106,9 @@ def _flag(flag: str, value):
     "student": "student backbone: mobilenet_v3_large (default) or resnet18",
     "image_size": "deployment input size in pixels, a multiple of 64 (default 256)",
     "distill_steps": "distillation steps (default: the standard budget)",
+    "baseline": "also train a ground-truth-only student with the same budget, to report how "
+                "much of the teacher-student gap distillation closed (default on; "
+                "--no-baseline skips it)",
     "calib_method": "minmax, entropy or percentile (default: the profile's)",
     "per_channel": "per-channel weight quantization (default: the profile's)",
     "parity_budget": "max INT8 mask AP drop vs the FP32 student, in AP points (default: profile)",
@@ -113,7 +119,8 @@ def _flag(flag: str, value):
 def build(c, target="arm64", profile=None, checkpoint=None, arch=None, num_classes=None,
           class_names=None, trust_checkpoint=False, train_coco=None, train_images=None,
           calib_images=None, calib_count=64, val_coco=None, val_images=None, val_limit=None,
-          student="mobilenet_v3_large", image_size=256, distill_steps=None, calib_method=None,
+          student="mobilenet_v3_large", image_size=256, distill_steps=None, baseline=True,
+          calib_method=None,
           per_channel=None, parity_budget=None, latency_runs=30, strict=False, debug=False):
     """Distill, quantize, convert, validate and bundle a Mask R-CNN for one edge target."""
     from pipeline.build import BuildConfig, run_build
@@ -128,7 +135,7 @@ def build(c, target="arm64", profile=None, checkpoint=None, arch=None, num_class
             val_coco=_path(val_coco), val_images=_path(val_images),
             val_limit=_number("val-limit", val_limit), student=student,
             image_size=_number("image-size", image_size),
-            distill_steps=_number("distill-steps", distill_steps),
+            distill_steps=_number("distill-steps", distill_steps), baseline=bool(baseline),
             calib_method=calib_method, per_channel=_flag("per-channel", per_channel),
             parity_budget=_number("parity-budget", parity_budget, float),
             latency_runs=_number("latency-runs", latency_runs), strict=bool(strict),

@@ -17,8 +17,10 @@ Reads: the images (and the COCO annotation file, for a COCO set). Writes: nothin
 
 Known limits: fewer than ``min_images`` images (default 32) is allowed but warned about and
 recorded, since INT8 ranges from a handful of images may not represent deployment images (B11);
-nothing checks that the images resemble deployment images. The mask head is calibrated only on
-the detections the FP32 model makes: images with none add nothing, and the count is recorded.
+so are byte-identical copies (the manifest gives the distinct count) and blank, single-colour
+images; beyond that, nothing checks that the images resemble deployment images. The mask head is
+calibrated only on the detections the FP32 model makes: images with none add nothing, and the
+count is recorded.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pipeline.errors import ConfigError, DatasetError
 log = logging.getLogger(__name__)
 
 MIN_IMAGES = 32
+BLANK_STD = 2.0  # an image whose pixels vary less than this (0-255) is blank for calibration
 MIN_MASK_ROIS = 32
 GRAPHS = ("backbone", "box_head", "mask_head")
 
@@ -66,6 +69,7 @@ class CalibrationSet:
     min_images: int
     available: int
     skipped_unreadable: int
+    blank: tuple[Path, ...] = ()  # images of (nearly) one colour
 
     def __len__(self) -> int:
         return len(self.images)
@@ -89,16 +93,46 @@ class CalibrationSet:
         return hash_json(payload)
 
     @property
-    def manifest(self) -> dict[str, Any]:
-        """Plain data for the bundle manifest and the stage cache key."""
+    def distinct(self) -> int:
+        """Images with different bytes (copies of one file calibrate like one image)."""
+        return len({i.sha256 for i in self.images})
+
+    @property
+    def warnings(self) -> list[str]:
+        """Why this set may not represent deployment images (B11), for the manifest and report."""
         warnings = []
         if self.below_minimum:
             warnings.append(
                 f"only {len(self.images)} calibration images (< {self.min_images}); INT8 ranges "
                 "may not represent deployment images"
             )
+        warnings += [w for w in (self.copies_warning, self.blank_warning) if w]
         if self.skipped_unreadable:
             warnings.append(f"{self.skipped_unreadable} unreadable image(s) skipped")
+        return warnings
+
+    @property
+    def copies_warning(self) -> str | None:
+        if self.distinct == len(self.images):
+            return None
+        return (
+            f"{len(self.images) - self.distinct} of the {len(self.images)} calibration images are "
+            f"byte-identical copies of others: {self.distinct} distinct images"
+        )
+
+    @property
+    def blank_warning(self) -> str | None:
+        if not self.blank:
+            return None
+        return (
+            f"{len(self.blank)} of the {len(self.images)} calibration images are blank (pixel "
+            f"std < {BLANK_STD:g}, e.g. {self.blank[0].name}); they add no range information - "
+            "calibrate on images like the deployment's"
+        )
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """Plain data for the bundle manifest and the stage cache key."""
         return {
             "source": self.source,
             "root": str(self.root),
@@ -114,13 +148,15 @@ class CalibrationSet:
             "requested": self.requested,
             "min_images": self.min_images,
             "below_minimum": self.below_minimum,
+            "distinct": self.distinct,
+            "blank": len(self.blank),
             "set_sha256": self.set_sha256,
             "preprocessing": self.preprocessing(),
             "images": [
                 {"path": _relative(i.path, self.root), "image_id": i.image_id, "sha256": i.sha256}
                 for i in self.images
             ],
-            "warnings": warnings,
+            "warnings": self.warnings,
         }
 
 
@@ -174,15 +210,18 @@ def _build(
         raise ConfigError(f"calibration image_size={image_size} is not a model input size")
     images = []
     skipped = 0
+    blank = []
     for path, image_id in _select(candidates, count, seed):
         try:
-            load_image(path)
+            pixels = load_image(path)
         except ImageReadError as err:
             if strict:
                 raise DatasetError(f"calibration: {err}") from err
             log.warning("calibration: skipping %s", err)
             skipped += 1
             continue
+        if float(pixels.std()) < BLANK_STD:
+            blank.append(path)
         images.append(CalibrationImage(path=path, sha256=sha256_file(path), image_id=image_id))
     if not images:
         raise DatasetError(
@@ -199,7 +238,11 @@ def _build(
         min_images=min_images,
         available=len(candidates),
         skipped_unreadable=skipped,
+        blank=tuple(blank),
     )
+    for warning in (result.copies_warning, result.blank_warning):
+        if warning:
+            log.warning("calibration set %s: %s", root, warning)
     if result.below_minimum:
         log.warning(
             "calibration set %s has %d image(s), fewer than the %d recommended: INT8 ranges from "

@@ -57,6 +57,7 @@ class BuildConfig:
     student: str = "mobilenet_v3_large"
     image_size: int = 256
     distill_steps: int | None = None
+    baseline: bool = True
     calib_method: str | None = None
     per_channel: bool | None = None
     parity_budget: float | None = None
@@ -121,9 +122,80 @@ class _Data:
     quality: dict[str, Any]
 
 
-def _resolve_data(config: BuildConfig, category_ids: list[int]) -> _Data:
-    from pipeline.datasets import CocoInstances, list_images
+def _demo_has_teacher_classes(annotation_file: Path, loaded) -> bool:
+    """Whether the demo split's categories are the teacher's own (same ids, names, order)."""
+    from pipeline.datasets import read_categories
+
+    cats = read_categories(annotation_file)
+    return cats == list(zip(loaded.category_ids, loaded.class_names))
+
+
+def _pseudo_labelled_val(config: BuildConfig, loaded, teacher_hash: str,
+                         demo_val) -> tuple[Any, str]:
+    """The demo val images labelled by the teacher's detections (cached): the reference when no
+    labelled set has the teacher's classes. AP against it measures agreement with the teacher."""
+    from pipeline.datasets import CocoInstances, write_pseudo_labelled_coco
+    from pipeline.evaluate import TorchPredictor
+
+    cache = StageCache(config.artifacts / "cache")
+    key_parts = {"teacher": teacher_hash, "val": sha256_file(demo_val.annotation_file),
+                 "limit": config.val_limit, "threshold": 0.5, "version": __version__}
+    key = hash_json(key_parts)
+    if cache.lookup("pseudo-val", key) is None:
+        with cache.build("pseudo-val", key, key_parts) as tmp:
+            write_pseudo_labelled_coco(TorchPredictor(loaded.model), demo_val,
+                                       list(zip(loaded.category_ids, loaded.class_names)),
+                                       tmp / "annotations.json", limit=config.val_limit)
+    ann = cache.lookup("pseudo-val", key) / "annotations.json"
+    val = CocoInstances(ann, demo_val.image_dir, category_ids=loaded.category_ids)
+    if not val.coco.getAnnIds(imgIds=val.image_ids):
+        raise DatasetError(
+            f"the teacher ({loaded.path}) detects nothing scoring >= 0.5 on the {len(val)} demo "
+            "val images, so there is no reference to validate against; give --val-coco and "
+            "--val-images with annotated images of the teacher's classes")
+    return val, sha256_file(ann)
+
+
+def _check_coco_categories(annotation_file: Path, loaded, role: str) -> None:
+    """Refuse a --train-coco/--val-coco file whose categories are not the teacher's labels.
+
+    Annotations are matched to the teacher's labels by category id; a file sharing no id with
+    the teacher, or giving a shared id another class name than the teacher's own (named) class,
+    would train or score against the wrong classes without any error further on.
+    """
+    from pipeline.datasets import read_categories
+
+    file_cats = dict(read_categories(annotation_file))
+    teacher_cats = dict(zip(loaded.category_ids, loaded.class_names))
+    teacher = (f"the teacher's {list(teacher_cats)} "
+               f"({', '.join(list(teacher_cats.values())[:10])})")
+    fix = (f"give the annotations of the teacher's classes, or pass "
+           f"--class-names={annotation_file} if the teacher's labels follow this file's categories")
+    if role == "train":
+        fix += (", or drop --train-coco to distill on --train-images with teacher pseudo-labels "
+                "only")
+    shared = sorted(set(file_cats) & set(teacher_cats))
+    if not shared:
+        raise DatasetError(
+            f"{annotation_file}: none of its category ids {list(file_cats)[:10]} is one of "
+            f"{teacher}, so it has no {role} ground truth for this teacher; {fix}")
+    if loaded.metadata.get("loaded_as", {}).get("class_names_from") == "default":
+        return  # the teacher's names are placeholders: ids are all there is to compare
+    differ = [c for c in shared
+              if file_cats[c].strip().casefold() != teacher_cats[c].strip().casefold()]
+    if differ:
+        pairs = ", ".join(f"{c}: {file_cats[c]!r} here, {teacher_cats[c]!r} for the teacher"
+                          for c in differ[:5])
+        raise DatasetError(
+            f"{annotation_file}: category ids name other classes than the teacher's ({pairs}), "
+            f"so its {role} labels would stand for the wrong classes; {fix}")
+
+
+def _resolve_data(config: BuildConfig, loaded, teacher_hash: str) -> _Data:
+    from pipeline.datasets import CocoInstances, DataQuality, list_images, usable_images
     from pipeline.demo import DemoSpec, ensure_demo_data
+
+    category_ids = list(loaded.category_ids)
 
     needs_demo = (config.train_images is None or config.calib_images is None
                   or config.val_coco is None)
@@ -132,36 +204,60 @@ def _resolve_data(config: BuildConfig, category_ids: list[int]) -> _Data:
         splits = ensure_demo_data(config.artifacts / "demo_data", DemoSpec(**config.demo_spec))
     sources = {}
     if config.train_coco is not None:
+        _check_coco_categories(config.train_coco, loaded, "train")
         train: Any = CocoInstances(config.train_coco, config.train_images,
                                    category_ids=category_ids, strict=config.strict)
         train.check_images()
         train_hash = sha256_files([config.train_coco]) + str(len(train))
         sources["train"] = f"COCO {config.train_coco}"
     elif config.train_images is not None:
-        train = list_images(config.train_images)
+        train_quality = DataQuality(source=str(config.train_images))
+        train = usable_images(list_images(config.train_images), strict=config.strict,
+                              quality=train_quality)
         train_hash = hash_json([(str(p.relative_to(config.train_images)), p.stat().st_size)
                                 for p in train])
         sources["train"] = f"unlabelled images {config.train_images} ({len(train)})"
-    else:
+    elif _demo_has_teacher_classes(splits["train"] / "annotations.json", loaded):
         ann = splits["train"] / "annotations.json"
         train = CocoInstances(ann, splits["train"] / "images")
         train_hash = sha256_file(ann)
         sources["train"] = f"demo train split {splits['train']}"
+    else:
+        train = list_images(splits["train"] / "images")
+        train_hash = sha256_file(splits["train"] / "annotations.json") + "-unlabelled"
+        log.warning(
+            "the teacher's classes (%s) are not the demo set's: distilling on the %d demo train "
+            "images with teacher pseudo-labels only; give --train-images (and --train-coco) "
+            "with the teacher's own data for a student meant for deployment",
+            ", ".join(loaded.class_names[:10]), len(train))
+        sources["train"] = (f"demo train split {splits['train']} images, unlabelled (teacher "
+                            "pseudo-labels only: the teacher's classes are not the demo's)")
     calib_dir = config.calib_images or splits["calib"] / "images"
     calib_paths = list_images(calib_dir)
     sources["calibration"] = ("demo calib split " if config.calib_images is None else "") + str(
         calib_dir)
     if config.val_coco is not None:
+        _check_coco_categories(config.val_coco, loaded, "val")
         val = CocoInstances(config.val_coco, config.val_images, category_ids=category_ids,
                             strict=config.strict)
         val.check_images()
         val_hash = sha256_file(config.val_coco)
         sources["validation"] = f"COCO {config.val_coco}"
-    else:
+    elif _demo_has_teacher_classes(splits["val"] / "annotations.json", loaded):
         ann = splits["val"] / "annotations.json"
         val = CocoInstances(ann, splits["val"] / "images")
         val_hash = sha256_file(ann)
         sources["validation"] = f"demo val split {splits['val']}"
+    else:
+        demo_val = CocoInstances(splits["val"] / "annotations.json", splits["val"] / "images")
+        val, val_hash = _pseudo_labelled_val(config, loaded, teacher_hash, demo_val)
+        log.warning(
+            "the teacher's classes are not the demo set's: validating on %d demo val images "
+            "labelled by the teacher's own detections (AP measures agreement with the teacher, "
+            "not accuracy); give --val-coco and --val-images for real figures", len(val))
+        sources["validation"] = (f"demo val split {splits['val']} images labelled by the "
+                                 "teacher's detections (score >= 0.5): AP is agreement with the "
+                                 "teacher, not accuracy")
     if not val.coco.getAnnIds(imgIds=val.image_ids):
         raise DatasetError(
             f"{val.annotation_file}: no usable annotations for validation (categories in the "
@@ -172,6 +268,8 @@ def _resolve_data(config: BuildConfig, category_ids: list[int]) -> _Data:
     quality = {"validation": val.quality.to_dict()}
     if hasattr(train, "quality"):
         quality["train"] = train.quality.to_dict()
+    elif config.train_images is not None:
+        quality["train"] = train_quality.to_dict()
     return _Data(train, train_hash, calib_paths, val, val_hash, sources, quality)
 
 
@@ -190,38 +288,110 @@ def _evaluate(stages: _Stages, name: str, key_parts: dict[str, Any], predict, va
     return metrics
 
 
-def _stage_distill(stages: _Stages, config: BuildConfig, loaded, teacher_hash: str,
-                   data: _Data):
+def _distill_settings(config: BuildConfig):
+    from pipeline.distill import DistillSettings
+
+    return DistillSettings(**({"steps": config.distill_steps} if config.distill_steps else {}))
+
+
+def _train_student(stages: _Stages, stage: str, settings, config: BuildConfig, loaded,
+                   teacher_hash: str, data: _Data):
+    """Train (or reuse from the cache) one student with ``settings``: the distilled student, or
+    the ground-truth-only baseline. Returns the loaded student, its report and its file hash."""
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.distill import DistillSettings, distill
+    from pipeline.distill import distill
     from pipeline.models import student_spec
     from pipeline.train import save_checkpoint
 
-    t0 = stages.begin("distill")
-    overrides = {"steps": config.distill_steps} if config.distill_steps else {}
-    settings = DistillSettings(**overrides)
+    t0 = stages.begin(stage)
     spec = student_spec(loaded.num_classes, backbone=config.student,
                         image_size=config.image_size)
     key_parts = {"teacher": teacher_hash, "student": spec.to_dict(),
                  "settings": settings.cache_key(), "train": data.train_hash, "version": __version__}
+    if not settings.uses_teacher:  # the baseline does not depend on the teacher's weights
+        key_parts["teacher"] = None
     key = hash_json(key_parts)
-    entry = stages.cache.lookup("distill", key)
+    entry = stages.cache.lookup(stage, key)
     cached = entry is not None
     if entry is None:
-        workdir = stages.cache.root / f"work-distill-{key[:16]}"
-        with stages.cache.build("distill", key, key_parts) as tmp:
+        workdir = stages.cache.root / f"work-{stage}-{key[:16]}"
+        with stages.cache.build(stage, key, key_parts) as tmp:
             student, report = distill(loaded.model, spec, train=data.train, settings=settings,
                                       workdir=workdir)
             save_checkpoint(student, spec, loaded.class_names, loaded.category_ids,
                             tmp / "student.pt", fp16=False)
             (tmp / "distill.json").write_text(json.dumps(report, indent=2, default=str))
         shutil.rmtree(workdir, ignore_errors=True)
-        entry = stages.cache.lookup("distill", key)
+        entry = stages.cache.lookup(stage, key)
     report = json.loads((entry / "distill.json").read_text())
     student = load_checkpoint(entry / "student.pt")
-    stages.end("distill", t0, cached, entry / "student.pt",
+    stages.end(stage, t0, cached, entry / "student.pt",
                f"{spec.backbone} student, {report.get('steps', '?')} steps")
     return student, report, sha256_file(entry / "student.pt")
+
+
+def _stage_distill(stages: _Stages, config: BuildConfig, loaded, teacher_hash: str,
+                   data: _Data):
+    return _train_student(stages, "distill", _distill_settings(config), config, loaded,
+                          teacher_hash, data)
+
+
+def _stage_baseline(stages: _Stages, config: BuildConfig, loaded, teacher_hash: str,
+                    data: _Data) -> dict[str, Any]:
+    """The ground-truth-only student with the distilled student's budget, evaluated on val.
+
+    Only with a labelled training set (an unlabelled folder has no ground truth to train on) and
+    ``config.baseline``; otherwise the returned record says why there is none.
+    """
+    from pipeline.distill import baseline_settings
+    from pipeline.evaluate import TorchPredictor
+    from pipeline.models import count_macs, count_parameters
+
+    if not config.baseline:
+        return {"skipped": "--no-baseline"}
+    if not hasattr(data.train, "quality"):
+        return {"skipped": "the training set is unlabelled: no ground truth to train a "
+                           "baseline on"}
+    settings = baseline_settings(_distill_settings(config))
+    student, report, student_hash = _train_student(stages, "baseline", settings, config, loaded,
+                                                   None, data)
+    metrics = _evaluate(stages, "baseline", {"model": student_hash, "val": data.val_hash},
+                        TorchPredictor(student.model), data.val, config.val_limit)
+    return {"metrics": metrics, "sha256": student_hash, "steps": report.get("steps"),
+            "seconds": report.get("seconds"), "settings": report.get("settings"),
+            "parameters": count_parameters(student.model),
+            "macs": count_macs(student.model, config.image_size)}
+
+
+def _distillation_table(parity: dict[str, Any], baseline: dict[str, Any],
+                        manifest: dict[str, Any]) -> dict[str, Any]:
+    """Teacher / ground-truth-only student / distilled student on val (PyTorch), with the
+    fraction of the teacher-baseline gap the distillation closed, per metric."""
+    from pipeline.distill import gap_closed
+
+    ap = parity["ap"]
+    rows = [{"model": "teacher", **_ap_fields(ap["teacher"]),
+             "parameters": manifest["teacher"]["parameters"],
+             "macs": manifest["teacher"]["macs"]["total"]}]
+    if "metrics" in baseline:
+        rows.append({"model": "student, ground truth only", **_ap_fields(baseline["metrics"]),
+                     "parameters": baseline["parameters"], "macs": baseline["macs"]["total"]})
+    rows.append({"model": "student, distilled", **_ap_fields(ap["student_fp32_torch"]),
+                 "parameters": manifest["student"]["parameters"],
+                 "macs": manifest["student"]["macs"]["total"]})
+    closed = None
+    if "metrics" in baseline:
+        closed = {k: gap_closed(ap["teacher"][k], baseline["metrics"][k],
+                                ap["student_fp32_torch"][k])
+                  for k in ("mask_ap", "box_ap", "mask_ap50")}
+        closed = {k: (round(v, 4) if v is not None else None) for k, v in closed.items()}
+    return {"rows": rows, "gap_closed": closed, "baseline": baseline,
+            "what": "PyTorch FP32 on the val set; the baseline is trained on ground truth alone "
+                    "with the same steps, batch, schedule and seed, without the teacher"}
+
+
+def _ap_fields(m: dict[str, float]) -> dict[str, float]:
+    return {k: m[k] for k in ("box_ap", "box_ap50", "mask_ap", "mask_ap50")}
 
 
 def _stage_export(stages: _Stages, student, student_hash: str) -> Path:
@@ -444,10 +614,80 @@ def _summary_table(manifest: dict[str, Any]) -> None:
                       f"{e2e['p50']:.1f}" if e2e else "-", f"{e2e['p90']:.1f}" if e2e else "-")
     console = Console()
     console.print(table)
+    comparison = manifest["distillation"].get("comparison") or {}
+    closed = (comparison.get("gap_closed") or {}).get("mask_ap")
+    base = next((r for r in comparison.get("rows", []) if "ground truth" in r["model"]), None)
+    if base is not None:
+        console.print(f"  ground-truth-only student (same budget): mask AP "
+                      f"{base['mask_ap']:.3f}; distillation closed "
+                      + (f"{100 * closed:.0f} %" if closed is not None else "n/a")
+                      + " of the teacher gap")
     for c in manifest["gate"]["checks"]:
         mark = {True: "pass", False: "FAIL", None: "not gated"}[c["passed"]]
         console.print(f"  {mark:>9}  {c['check']} = {c['value']} (limit {c['limit']})")
     console.print(f"bundle: {manifest['bundle_path']}")
+
+
+def _distillation_lines(comparison: dict[str, Any] | None) -> list[str]:
+    if not comparison:
+        return []
+    lines = ["", "## Distillation (PyTorch FP32, val set)", "",
+             "| model | box AP | mask AP | mask AP50 | parameters | GMACs |",
+             "|---|---|---|---|---|---|"]
+    for r in comparison["rows"]:
+        lines.append(f"| {r['model']} | {r['box_ap']:.4f} | {r['mask_ap']:.4f} | "
+                     f"{r['mask_ap50']:.4f} | {r['parameters'] / 1e6:.2f} M | "
+                     f"{r['macs'] / 1e9:.2f} |")
+    closed = comparison.get("gap_closed")
+    lines.append("")
+    if closed:
+        parts = [f"{k.replace('_', ' ')} {100 * v:.0f} %" for k, v in closed.items()
+                 if v is not None]
+        lines.append("Fraction of the teacher - ground-truth-only gap closed by distillation: "
+                     + (", ".join(parts) or "no gap to close") + ".")
+    else:
+        lines.append(f"No ground-truth-only baseline: {comparison['baseline'].get('skipped')}.")
+    lines.append(comparison["what"] + ".")
+    return lines
+
+
+def _counts(counter: dict[str, int], examples: dict[str, list[Any]]) -> str:
+    return ", ".join(f"{reason} {n}" + (f" (e.g. {examples[reason][:3]})"
+                                        if examples.get(reason) else "")
+                     for reason, n in sorted(counter.items()))
+
+
+def _data_lines(manifest: dict[str, Any]) -> list[str]:
+    """The report's data-quality and calibration sections: what was read, dropped and why."""
+    data, calib = manifest["data"], manifest["calibration"]["manifest"]
+    lines = ["", "## Data", ""]
+    lines += [f"- {name}: {source}" for name, source in data["sources"].items()]
+    for name, q in data["quality"].items():
+        parts = [f"{q['images']} images"]
+        if q.get("annotations") or not data["sources"].get(name, "").startswith("unlabelled"):
+            parts.append(f"{q['annotations']} annotations")
+        if q.get("negatives"):
+            parts.append(f"{q['negatives']} without objects (kept as negatives)")
+        if q.get("crowd"):
+            parts.append(f"{q['crowd']} crowd regions (ignored regions in evaluation)")
+        lines += ["", f"**{name}** ({q['source']}): {', '.join(parts)}."]
+        for label, key, what in (("skipped", "images_skipped_by_reason", "images"),
+                                 ("dropped", "annotations_dropped", "annotations"),
+                                 ("repaired", "annotations_repaired", "annotations")):
+            counter = q.get(key) or {}
+            if counter:
+                lines.append(f"- {label} {sum(counter.values())} {what}: "
+                             f"{_counts(counter, q.get('examples', {}))}")
+        if not any(q.get(k) for k in ("images_skipped_by_reason", "annotations_dropped",
+                                      "annotations_repaired")):
+            lines.append("- nothing skipped, dropped or repaired")
+    lines += ["", "## Calibration", "",
+              f"{calib['count']} images of {calib['available']} available "
+              f"({calib['selection']}; seed {calib['seed']}) from {calib['root']}; set SHA-256 "
+              f"`{calib['set_sha256']}`; {calib['skipped_unreadable']} unreadable skipped."]
+    warnings = calib.get("warnings") or []
+    lines += [""] + [f"- **warning**: {w}" for w in warnings] if warnings else []
+    return lines
 
 
 def _write_report(path: Path, manifest: dict[str, Any]) -> None:
@@ -463,6 +703,7 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
         m = ap[key]
         lines.append(f"| {name} | {m['box_ap']:.4f} | {m['box_ap50']:.4f} | {m['mask_ap']:.4f} | "
                      f"{m['mask_ap50']:.4f} |")
+    lines += _distillation_lines(manifest["distillation"].get("comparison"))
     lines += ["", "## Gate", ""]
     for c in manifest["gate"]["checks"]:
         mark = {True: "pass", False: "FAIL", None: "not gated"}[c["passed"]]
@@ -477,6 +718,7 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
         lines += ["", f"Host CPU features: {', '.join(isa) or 'none of those checked'}."]
     if manifest.get("comparison"):
         lines += [""] + manifest["comparison"]["markdown"]
+    lines += _data_lines(manifest)
     lines += ["", "Full figures: `manifest.json`.", "", "## Known limitations", ""]
     lines += [f"- {x}" for x in manifest["known_limitations"]]
     path.write_text("\n".join(lines) + "\n")
@@ -495,7 +737,6 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
         write_tarball,
     )
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.distill import DistillSettings
     from pipeline.latency import profile_latency
     from pipeline.models import count_macs, count_parameters, student_spec
     from targets import get_target
@@ -508,7 +749,7 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
     # every option is checked before any expensive stage runs
     _quant_settings(config, profile)
     student_spec(2, backbone=config.student, image_size=config.image_size)
-    DistillSettings(**({"steps": config.distill_steps} if config.distill_steps else {}))
+    _distill_settings(config)
     cache = StageCache(config.artifacts / "cache")
     cache.clean_partial()
     stages = _Stages(cache)
@@ -517,13 +758,15 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
     t0 = stages.begin("load")
     teacher_path = config.checkpoint or DEMO_TEACHER
     loaded = load_checkpoint(teacher_path, arch=config.arch, num_classes=config.num_classes,
-                             class_names=config.class_names, trust=config.trust_checkpoint)
+                             class_names=config.class_names, trust=config.trust_checkpoint,
+                             class_names_fallback=config.val_coco or config.train_coco)
     teacher_hash = sha256_file(teacher_path)
-    data = _resolve_data(config, list(loaded.category_ids))
+    data = _resolve_data(config, loaded, teacher_hash)
     stages.end("load", t0, False, teacher_path, f"teacher with {len(loaded.class_names)} classes")
 
     student, distill_report, student_hash = _stage_distill(stages, config, loaded, teacher_hash,
                                                            data)
+    baseline = _stage_baseline(stages, config, loaded, teacher_hash, data)
     export_dir = _stage_export(stages, student, student_hash)
     quant_dir, quant_report, calib_manifest = _stage_calibrate_quantize(
         stages, config, target, profile, export_dir, data)
@@ -592,6 +835,7 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
             "models": model_files,
             "teacher": {"checkpoint": str(teacher_path), "sha256": teacher_hash,
                         "arch": loaded.spec.to_dict() if loaded.spec else loaded.arch,
+                        "loaded_as": loaded.metadata.get("loaded_as"),
                         "parameters": count_parameters(loaded.model),
                         "macs": count_macs(loaded.model, config.image_size)},
             "student": {"arch": student.spec.to_dict(), "sha256": student_hash,
@@ -612,6 +856,7 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
         }
         manifest["student"]["mac_ratio_teacher_over_student"] = round(
             manifest["teacher"]["macs"]["total"] / manifest["student"]["macs"]["total"], 2)
+        manifest["distillation"]["comparison"] = _distillation_table(parity, baseline, manifest)
         _write_report(staging / "report.md", manifest)
         manifest["build_seconds"] = round(time.perf_counter() - started, 1)
         manifest["files"] = file_hashes(staging)

@@ -728,19 +728,36 @@ def list_images(folder: Path | str) -> list[Path]:
     return files
 
 
-def read_images(
+def usable_images(
     paths: Iterable[Path], strict: bool = False, quality: DataQuality | None = None
+) -> list[Path]:
+    """The paths among ``paths`` that decode, each decoded once and not kept in memory.
+
+    Unreadable files are skipped with a warning and counted in ``quality`` (or, strict, raise),
+    as :func:`read_images` does.
+    """
+    return read_images(paths, strict=strict, quality=quality, keep=False)[0]
+
+
+def read_images(
+    paths: Iterable[Path],
+    strict: bool = False,
+    quality: DataQuality | None = None,
+    keep: bool = True,
 ) -> tuple[list[Path], list[np.ndarray]]:
     """Decode images; unreadable ones are skipped with a warning and counted (or, strict, raise).
 
-    Returns the paths that decoded and their HxWx3 uint8 RGB arrays, in order.
+    Returns the paths that decoded and their HxWx3 uint8 RGB arrays, in order (no arrays when
+    ``keep`` is False).
     """
     paths = list(paths)
     quality = quality if quality is not None else DataQuality(source="images")
     kept, arrays = [], []
     for path in paths:
         try:
-            arrays.append(load_image(path))
+            array = load_image(path)
+            if keep:
+                arrays.append(array)
             kept.append(Path(path))
         except ImageReadError as err:
             if strict:
@@ -756,3 +773,80 @@ def read_images(
     if not kept and paths:
         raise DatasetError(f"none of the {len(paths)} images could be read (first: {paths[0]})")
     return kept, arrays
+
+
+def write_pseudo_labelled_coco(
+    predict: Any,
+    images: CocoInstances,
+    categories: Sequence[tuple[int, str]],
+    out_file: Path | str,
+    *,
+    threshold: float = 0.5,
+    limit: int | None = None,
+) -> dict[str, int]:
+    """Write a COCO file labelling ``images`` with a model's own detections (pseudo-labels).
+
+    ``predict`` maps an HxWx3 uint8 image to detections in its coordinates (``boxes`` xyxy,
+    ``scores``, contiguous ``labels`` 1..K, ``masks`` HxW probabilities), as the evaluation
+    predictors do; label ``i`` becomes ``categories[i-1]`` (``(category id, name)``). Kept: the
+    detections scoring at least ``threshold`` whose mask, thresholded at 0.5, is not empty; masks
+    are stored as compressed RLE (pycocotools). The first ``limit`` images only, when given.
+
+    This is the validation reference when no labelled set with the model's classes exists: AP
+    against it measures agreement with that model, not accuracy. Returns image and annotation
+    counts.
+    """
+    from pycocotools import mask as mask_utils
+
+    image_ids = images.image_ids[:limit] if limit else list(images.image_ids)
+    entries, annotations = [], []
+    for image_id in image_ids:
+        info = images.coco.imgs[image_id]
+        entries.append(
+            {
+                "id": image_id,
+                "file_name": info["file_name"],
+                "width": info["width"],
+                "height": info["height"],
+            }
+        )
+        det = predict(images.load_image(image_id))
+        for j in range(len(det.scores)):
+            label = int(det.labels[j])
+            if det.scores[j] < threshold or not 1 <= label <= len(categories):
+                continue
+            mask = np.asfortranarray((det.masks[j] > 0.5).astype(np.uint8))
+            if not mask.any():
+                continue
+            rle = mask_utils.encode(mask)
+            x0, y0, x1, y1 = (float(v) for v in det.boxes[j])
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(categories[label - 1][0]),
+                    "bbox": [x0, y0, max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)],
+                    "area": float(mask_utils.area(rle)),
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                    "iscrowd": 0,
+                    "score": float(det.scores[j]),
+                }
+            )
+    document = {
+        "info": {
+            "description": f"pseudo-labels (score >= {threshold}) on {images.annotation_file}"
+        },
+        "images": entries,
+        "annotations": annotations,
+        "categories": [{"id": int(c), "name": n} for c, n in categories],
+    }
+    Path(out_file).write_text(json.dumps(document))
+    log.info(
+        "%s: %d pseudo-labels (score >= %g) on %d images of %s",
+        out_file,
+        len(annotations),
+        threshold,
+        len(entries),
+        images.annotation_file,
+    )
+    return {"images": len(entries), "annotations": len(annotations)}

@@ -61,7 +61,8 @@ def test_folder_set_is_recursive_sorted_and_hashed(tmp_path: Path) -> None:
     assert len(arrays) == 6 and all(a.dtype == np.uint8 and a.shape[2] == 3 for a in arrays)
 
 
-def test_selection_is_deterministic_and_seeded(tmp_path: Path) -> None:
+def test_b11_selection_is_deterministic_and_seeded(tmp_path: Path) -> None:
+    """B11: calibration is deterministic; the seed of the sample is recorded."""
     _write_images(tmp_path, 12)
     a = calibration_set_from_folder(tmp_path, image_size=64, count=5, seed=3, min_images=1)
     b = calibration_set_from_folder(tmp_path, image_size=64, count=5, seed=3, min_images=1)
@@ -82,7 +83,8 @@ def test_selection_is_deterministic_and_seeded(tmp_path: Path) -> None:
     assert len(others | {tuple(chosen)}) > 1  # another seed picks other images
 
 
-def test_set_hash_follows_content_and_preprocessing(tmp_path: Path) -> None:
+def test_b11_set_hash_follows_content_and_preprocessing(tmp_path: Path) -> None:
+    """B11: the recorded set hash changes with any image's bytes and with the preprocessing."""
     paths = _write_images(tmp_path, 3)
     before = calibration_set_from_folder(tmp_path, image_size=64, min_images=1).set_sha256
     assert calibration_set_from_folder(tmp_path, image_size=128, min_images=1).set_sha256 != before
@@ -91,7 +93,8 @@ def test_set_hash_follows_content_and_preprocessing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("count", [1, 3])
-def test_few_images_warn_and_are_recorded(tmp_path: Path, caplog, count: int) -> None:
+def test_b11_few_images_warn_and_are_recorded(tmp_path: Path, caplog, count: int) -> None:
+    """B11: calibration with 1 image and with a few: warned about, count recorded."""
     _write_images(tmp_path, count)
     with caplog.at_level(logging.WARNING, logger="calibration.sets"):
         cs = calibration_set_from_folder(tmp_path, image_size=64)
@@ -100,6 +103,28 @@ def test_few_images_warn_and_are_recorded(tmp_path: Path, caplog, count: int) ->
     assert m["below_minimum"] is True
     assert any(f"only {count} calibration images" in w for w in m["warnings"])
     assert any("fewer than the 32 recommended" in r.getMessage() for r in caplog.records)
+
+
+def test_b11_unrepresentative_folder_warns(tmp_path: Path, caplog) -> None:
+    """B11: a folder of copies of one photo and of blank frames calibrates like far fewer images;
+    the distinct and blank counts are recorded and warned about."""
+    (first,) = _write_images(tmp_path / "photos", 1)
+    for i in range(3):
+        (tmp_path / "photos" / f"copy_{i}.png").write_bytes(first.read_bytes())
+    for i, value in enumerate((0, 255)):
+        Image.fromarray(np.full((40, 60, 3), value, np.uint8)).save(tmp_path / f"blank_{i}.png")
+    with caplog.at_level(logging.WARNING, logger="calibration.sets"):
+        cs = calibration_set_from_folder(tmp_path, image_size=64, min_images=6)
+    m = cs.manifest
+    assert m["count"] == 6 and m["distinct"] == 3 and m["blank"] == 2
+    assert m["below_minimum"] is False
+    copies, blank = m["warnings"]
+    assert (
+        copies
+        == "3 of the 6 calibration images are byte-identical copies of others: 3 distinct images"
+    )
+    assert blank.startswith("2 of the 6 calibration images are blank (pixel std < 2, e.g. blank_0")
+    assert "byte-identical copies" in caplog.text and "are blank" in caplog.text
 
 
 def test_enough_images_do_not_warn(tmp_path: Path, caplog) -> None:
@@ -180,3 +205,33 @@ def test_graph_inputs_are_what_the_fp32_graphs_are_fed(
     summary = calibration.graph_inputs_summary(inputs)
     assert summary["backbone"]["samples"] == len(cs)
     assert summary["box_head"]["rows"] == sum(s["rois"].shape[0] for s in inputs["box_head"])
+
+
+def test_b11_graph_inputs_are_deterministic(tiny_student, tmp_path_factory, demo_data) -> None:
+    """B11: calibration is deterministic: the same set gives bit-identical graph inputs (the
+    samples quantize_static is fed), in the same order, from a fresh engine."""
+    from tiny_bundle import tiny_bundle
+
+    from maskedge_runner.engine import Engine
+
+    folder = tiny_bundle(tiny_student, tmp_path_factory, demo_data).folder
+    split = demo_data["calib"]
+
+    def collect() -> tuple[str, dict]:
+        cs = calibration_set_from_coco(
+            split / "annotations.json", split / "images", image_size=128, count=3, min_images=1
+        )
+        engine = Engine.from_dir(
+            folder, precision="fp32", runtime_options={"intra_op_num_threads": 1}
+        )
+        return cs.manifest["set_sha256"], collect_graph_inputs(engine, cs.images)
+
+    (hash_a, a), (hash_b, b) = collect(), collect()
+    assert hash_a == hash_b
+    assert {g: len(a[g]) for g in a} == {g: len(b[g]) for g in b}
+    assert a["backbone"] and a["box_head"]
+    for graph in a:
+        for x, y in zip(a[graph], b[graph], strict=True):
+            assert x.keys() == y.keys()
+            for name in x:
+                np.testing.assert_array_equal(x[name], y[name], err_msg=f"{graph}/{name}")

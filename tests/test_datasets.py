@@ -19,7 +19,15 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskedge_runner.detections import Detections
-from pipeline.datasets import CocoInstances, DataQuality, list_images, read_categories, read_images
+from pipeline.datasets import (
+    CocoInstances,
+    DataQuality,
+    list_images,
+    read_categories,
+    read_images,
+    usable_images,
+    write_pseudo_labelled_coco,
+)
 from pipeline.errors import DatasetError
 
 W, H = 64, 48
@@ -562,3 +570,48 @@ def test_read_images_counts_and_strict(tmp_path: Path, caplog: pytest.LogCapture
         read_images(paths, strict=True)
     with pytest.raises(DatasetError, match="none of the 1 images"):
         read_images(paths[:1])
+
+
+def test_usable_images_keeps_paths_not_pixels(tmp_path: Path) -> None:
+    _write_image(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    quality = DataQuality(source="train")
+    kept = usable_images([tmp_path / "bad.png", tmp_path / "ok.png"], quality=quality)
+    assert kept == [tmp_path / "ok.png"]
+    assert quality.skipped == {"image_unreadable": 1} and quality.images == 1
+    with pytest.raises(DatasetError, match="bad.png.*strict"):
+        usable_images([tmp_path / "bad.png", tmp_path / "ok.png"], strict=True)
+
+
+def test_pseudo_labelled_coco_keeps_confident_nonempty_detections(tmp_path: Path) -> None:
+    """A model's own detections become a COCO set with the model's category ids (the val
+    reference of a build whose teacher has no labelled set)."""
+    ann_file, image_dir = _coco(tmp_path / "src", [_ann(1)])
+    images = CocoInstances(ann_file, image_dir)
+    mask = np.zeros((H, W), np.float32)
+    mask[5:15, 8:30] = 0.9
+
+    def predict(image: np.ndarray) -> Detections:
+        assert image.shape == (H, W, 3)
+        return Detections(
+            boxes=np.array(
+                [[8, 5, 30, 15], [0, 0, 10, 10], [1, 1, 9, 9], [2, 2, 5, 5]], np.float32
+            ),
+            scores=np.array([0.9, 0.3, 0.8, 0.95], np.float32),
+            labels=np.array([2, 1, 1, 3], np.int64),  # label 3 is beyond the 2 categories
+            masks=np.stack([mask, mask, np.zeros_like(mask), mask]),
+        )
+
+    out = tmp_path / "pseudo.json"
+    counts = write_pseudo_labelled_coco(
+        predict, images, [(10, "disk"), (30, "block")], out, threshold=0.5, limit=1
+    )
+
+    assert counts == {"images": 1, "annotations": 1}
+    pseudo = CocoInstances(out, image_dir, category_ids=[10, 30])
+    assert pseudo.image_ids == [1]
+    (ann,) = pseudo.coco.loadAnns(pseudo.coco.getAnnIds())
+    assert ann["category_id"] == 30 and ann["bbox"] == [8.0, 5.0, 22.0, 10.0]
+    decoded = pseudo.coco.annToMask(ann)
+    assert decoded.sum() == 10 * 22 and decoded[5:15, 8:30].all()
+    assert pseudo.target(1)["labels"].tolist() == [2]
