@@ -234,6 +234,8 @@ def _resolve_data(config: BuildConfig, loaded, teacher_hash: str) -> _Data:
                             "pseudo-labels only: the teacher's classes are not the demo's)")
     calib_dir = config.calib_images or splits["calib"] / "images"
     calib_paths = list_images(calib_dir)
+    if config.strict:  # fail now, not after distillation; otherwise calibration skips and counts
+        usable_images(calib_paths, strict=True)
     sources["calibration"] = ("demo calib split " if config.calib_images is None else "") + str(
         calib_dir)
     if config.val_coco is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,25 +194,36 @@ def test_b16_b17_resnet50_checkpoint_builds_a_bundle(
     assert (tmp_path / "overlays" / f"{image.stem}.overlay.png").is_file()
 
 
+@pytest.mark.parametrize("folder", ["train", "calib", "val"])
 def test_strict_build_stops_at_a_truncated_image_naming_it(
-    demo_data: dict[str, Path], tmp_path: Path
+    demo_data: dict[str, Path], tmp_path: Path, folder: str
 ) -> None:
-    """``invoke build --strict``: a truncated JPEG in the training folder stops the build before
-    any stage runs, with one line naming the file and no traceback (exit status 1)."""
-    train = _folder_with_a_truncated_jpeg(demo_data["train"] / "images", tmp_path / "train")
+    """``invoke build --strict``: a truncated image in the training folder, the calibration
+    folder or the val COCO set's folder stops the build before any stage runs, with one line
+    naming the file and no traceback (exit status 1)."""
+    images = {k: demo_data[k] / "images" for k in ("train", "calib", "val")}
+    if folder == "val":  # cut one of the files the val COCO file names
+        images["val"] = tmp_path / "val"
+        shutil.copytree(demo_data["val"] / "images", images["val"])
+        bad = sorted(images["val"].glob("*.png"))[2]
+        bad.write_bytes(bad.read_bytes()[:-200])
+    else:
+        images[folder] = _folder_with_a_truncated_jpeg(images[folder], tmp_path / folder)
+        bad = images[folder] / "truncated.jpg"
     rc, log = _invoke_build(
         "--target=arm64",
-        f"--train-images={train}",
-        f"--calib-images={demo_data['calib'] / 'images'}",
+        f"--train-images={images['train']}",
+        f"--calib-images={images['calib']}",
         f"--val-coco={demo_data['val'] / 'annotations.json'}",
-        f"--val-images={demo_data['val'] / 'images'}",
+        f"--val-images={images['val']}",
         "--strict",
         artifacts=tmp_path / "artifacts",
     )
     assert rc == 1, log[-4000:]
     assert "Traceback" not in log
+    assert "[distill] started" not in log
     (line,) = [x for x in log.splitlines() if x.startswith("maskedge:")]
-    assert str(train / "truncated.jpg") in line
+    assert str(bad) in line
     assert line.endswith("(strict: stopping; without strict it is skipped)")
     assert not (tmp_path / "artifacts" / "arm64").exists()
 

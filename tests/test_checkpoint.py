@@ -725,6 +725,21 @@ def test_weights_that_do_not_fit_say_what_is_wrong(tmp_path: Path) -> None:
     assert "unexpected 1 (e.g. roi_heads.extra.weight)" in message
 
 
+def test_b16_prefixed_weights_still_load_strictly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B16: stripping ``module.`` is no licence to load loosely: a key missing after the strip
+    still stops the load, naming it."""
+    state = _student_state(0)
+    del state["roi_heads.mask_predictor.mask_fcn_logits.bias"]
+    path = _save({"model": {"module." + k: v for k, v in state.items()}}, tmp_path / "ddp.pt")
+    with caplog.at_level(logging.INFO, logger="pipeline.checkpoint"):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+    assert "stripping the 'module.' prefix" in caplog.text
+    assert "missing 1 (e.g. roi_heads.mask_predictor.mask_fcn_logits.bias)" in str(err.value)
+
+
 def test_loaded_model_is_the_documented_type(three_class_checkpoint: Path) -> None:
     loaded = load_checkpoint(three_class_checkpoint)
     assert isinstance(loaded, LoadedModel)
