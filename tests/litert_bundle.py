@@ -101,7 +101,7 @@ def litert_fp32_copy(bundle: Path, out: Path, images) -> Path:
         for graph in ("backbone", "box_head", "mask_head"):
             samples = [s for s in inputs[graph] if all(v.shape[0] for v in s.values())]
             rows = head_rows(graph, spec)
-            saved = to_saved_model(
+            saved, _ = to_saved_model(
                 bundle / "models" / "fp32" / f"{graph}.onnx", Path(tmp), rows, samples
             )
             content = convert_tflite(saved, int8=False)

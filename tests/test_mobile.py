@@ -203,7 +203,8 @@ def test_the_onnx_copy_gets_static_shapes_and_no_hard_sigmoid(tmp_path: Path) ->
     from targets.ort_quantize import check_quantizable
 
     src = _two_output_graph(tmp_path / "a.onnx")
-    copy = tc.write_static_copy(src, tmp_path / "copy.onnx", None)
+    copy = tmp_path / "copy.onnx"
+    assert tc.write_static_copy(src, copy, None) == {"HardSigmoid": 1}
     model = onnx.load(str(copy))
     assert "HardSigmoid" not in {n.op_type for n in model.graph.node}
     check_quantizable(model, copy)
@@ -221,10 +222,130 @@ def test_the_onnx_copy_gets_static_shapes_and_no_hard_sigmoid(tmp_path: Path) ->
         helper.make_model(head, opset_imports=[helper.make_opsetid("", 17)]),
         str(tmp_path / "head.onnx"),
     )
-    fixed = onnx.load(str(tc.write_static_copy(tmp_path / "head.onnx", tmp_path / "h2.onnx", 5)))
+    assert tc.write_static_copy(tmp_path / "head.onnx", tmp_path / "h2.onnx", 5) == {}
+    fixed = onnx.load(str(tmp_path / "h2.onnx"))
     assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [5, 4, 7, 7]
     with pytest.raises(ConversionError, match="symbolic axis other than the first"):
         tc.write_static_copy(tmp_path / "head.onnx", tmp_path / "h3.onnx", None)
+
+
+def _fpn_like_graph(path: Path) -> Path:
+    """image [1,3,16,16] -> conv, HardSwish, strided conv, nearest 2x Resize with its sizes
+    computed from Shape (as torch exports F.interpolate), add, conv, 1x1 stride-2 MaxPool."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+        for name, shape in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 3, 3)), ("w3", (8, 8, 3, 3)))
+    ]
+    inits += [
+        numpy_helper.from_array(np.array(v, np.int64), name)
+        for name, v in (("start", [2]), ("end", [4]), ("batch_channels", [1, 8]))
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1] * 4),
+        helper.make_node("HardSwish", ["c1"], ["h1"]),
+        helper.make_node("Conv", ["h1", "w2"], ["c2"], pads=[1] * 4, strides=[2, 2]),
+        helper.make_node("Shape", ["h1"], ["shape"]),
+        helper.make_node("Slice", ["shape", "start", "end"], ["hw"]),
+        helper.make_node("Concat", ["batch_channels", "hw"], ["sizes"], axis=0),
+        helper.make_node(
+            "Resize",
+            ["c2", "", "", "sizes"],
+            ["up"],
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+        ),
+        helper.make_node("Add", ["h1", "up"], ["s"]),
+        helper.make_node("Conv", ["s", "w3"], ["out"], pads=[1] * 4),
+        helper.make_node("MaxPool", ["out"], ["pool"], kernel_shape=[1, 1], strides=[2, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fpn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [
+            helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16]),
+            helper.make_tensor_value_info("pool", TensorProto.FLOAT, [1, 8, 8, 8]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_rewrites_keep_the_function_and_put_the_int8_graph_in_one_xnnpack_partition(
+    tmp_path: Path,
+) -> None:
+    # HARD_SWISH, RESIZE_NEAREST_NEIGHBOR and a 1x1 MAX_POOL_2D each split XNNPACK's int8 graph;
+    # the rewritten copy computes the same values with ops it takes
+    import onnx
+
+    src = _fpn_like_graph(tmp_path / "backbone.onnx")
+    copy = tmp_path / "copy.onnx"
+    assert tc.write_static_copy(src, copy, None) == {
+        "HardSwish": 1,
+        "Resize nearest 2x": 1,
+        "MaxPool 1x1": 1,
+    }
+    ops = {n.op_type for n in onnx.load(str(copy)).graph.node}
+    assert not ops & {"HardSwish", "Resize", "MaxPool", "Shape", "Slice"}  # dead shape math too
+    assert {"DepthToSpace", "Concat", "Clip"} <= ops
+    for feeds in _samples(3):
+        ref, got = _ort(src, feeds), _ort(copy, feeds)
+        for name in ("out", "pool"):
+            np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-5)
+
+    samples = [{"image": 4 * s["image"] - 2} for s in _samples()]  # reach both HardSwish knees
+    report = tc.convert_graph(
+        "backbone", src, {}, samples, QuantizationSettings(), tmp_path / "out", tmp_path / "work"
+    )
+    int8 = report["ops"]["int8"]
+    assert report["onnx_rewrites"] == {"HardSwish": 1, "Resize nearest 2x": 1, "MaxPool 1x1": 1}
+    assert not set(int8["op_counts"]) & {"HARD_SWISH", "RESIZE_NEAREST_NEIGHBOR", "MAX_POOL_2D"}
+    assert int8["xnnpack"]["partitions"] == 1 and int8["xnnpack"]["not_delegated"] == {}
+    assert int8["gpu_delegate"]["compatible"] and int8["full_integer"]
+    assert report["parity_vs_onnx"]["fp32"]["min_cosine"] > 0.9999
+
+
+def test_resizes_that_are_not_an_exact_nearest_doubling_are_left_alone(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def resize_graph(name: str, size: int, **attrs) -> Path:
+        graph = helper.make_graph(
+            [helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], **attrs)],
+            "r",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, size, size])],
+            [numpy_helper.from_array(np.array([1, 4, size, size], np.int64), "sizes")],
+        )
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    nearest = {
+        "mode": "nearest",
+        "coordinate_transformation_mode": "asymmetric",
+        "nearest_mode": "floor",
+    }
+    for name, size, attrs in (
+        ("bilinear", 16, {**nearest, "mode": "linear"}),
+        ("half_pixel", 16, {**nearest, "coordinate_transformation_mode": "half_pixel"}),
+        ("ceil", 16, {**nearest, "nearest_mode": "ceil"}),
+        ("triple", 24, nearest),
+    ):
+        src = resize_graph(name, size, **attrs)
+        assert tc.write_static_copy(src, tmp_path / f"{name}.copy.onnx", None) == {}, name
+    assert tc.write_static_copy(
+        resize_graph("double", 16, **nearest), tmp_path / "double.copy.onnx", None
+    ) == {"Resize nearest 2x": 1}
 
 
 # --- binding -----------------------------------------------------------------------------------
@@ -295,6 +416,58 @@ def test_int8_graph_is_full_integer_with_float_io(two_outputs) -> None:
         == ops["xnnpack"]["total_nodes"]
         == ops["ops_total"]
     )
+
+
+def test_an_int8_io_model_is_fed_and_read_with_its_own_scale_and_zero_point(
+    two_outputs, tmp_path: Path
+) -> None:
+    # the same graph and calibration with int8 inputs and outputs: the backend quantizes the
+    # float input and dequantizes the outputs with each tensor's scale/zero point, and must agree
+    # with the float-I/O INT8 model (which does the same inside) to within one output step
+
+    from maskedge_runner.backends import make_backend
+
+    onnx_path, out, _ = two_outputs
+    io = json.loads((out / "models" / "int8" / "backbone.io.json").read_text())
+    keys = {b["name"]: b["key"] for b in io["inputs"]}
+    perms = {b["name"]: b["perm"] for b in io["inputs"]}
+    representative = list(tc._representative(_samples(), keys, perms, 1))
+    saved = onnx_path.parent / "work" / "backbone" / "saved_model"
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved), [tc.SIGNATURE])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: iter(representative)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    (tmp_path / "backbone.tflite").write_bytes(converter.convert())
+    (tmp_path / "backbone.io.json").write_text(json.dumps(io))
+
+    int8_io = make_backend("litert", tmp_path / "backbone.tflite", {"num_threads": 1})
+    details = int8_io.runner.get_input_details()
+    assert {str(np.dtype(d["dtype"])) for d in details.values()} == {"int8"}
+    assert all(d["quantization"][0] > 0 for d in details.values())
+    float_io = make_backend("litert", out / "models" / "int8" / "backbone.tflite", {})
+    feeds = _samples(9)[-1]
+    got, ref = int8_io(feeds), float_io(feeds)
+    for name in ("feat_a", "feat_b"):
+        assert got[name].dtype == np.float32 and got[name].shape == ref[name].shape
+        step = int8_io.out_details[next(b["key"] for b in io["outputs"] if b["name"] == name)][
+            "quantization"
+        ][0]
+        assert np.abs(got[name] - ref[name]).max() <= 1.01 * step
+
+
+def test_conversion_needs_neither_onnxsim_nor_sne4onnx(tmp_path: Path, monkeypatch) -> None:
+    # onnx2tf runs the onnxsim command unless told not to, and imports sne4onnx for some options:
+    # with neither on PATH nor importable the conversion still works (the mobile extra lists
+    # neither)
+    onnx_path = _two_output_graph(tmp_path / "backbone.onnx")
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setitem(sys.modules, "onnxsim", None)
+    monkeypatch.setitem(sys.modules, "sne4onnx", None)
+    saved, _ = tc.to_saved_model(onnx_path, tmp_path / "work", None, _samples())
+    assert (saved / "saved_model.pb").is_file()
+    assert onnx_path.read_bytes() == _two_output_graph(tmp_path / "again.onnx").read_bytes()
 
 
 # --- B14: Flex ops, dynamic tensors, a profile that requires the GPU delegate -------------------
@@ -403,6 +576,21 @@ def test_quantize_report_and_files(tiny) -> None:
             ]
     assert report["graphs"]["box_head"]["rows_per_call"] == 100
     assert report["graphs"]["mask_head"]["rows_per_call"] == tc.MASK_ROWS
+    # the heads are one XNNPACK partition each; the random-weight backbone's activations give
+    # ADDs scales XNNPACK refuses, so its partitions are asserted on the trained build below
+    assert (
+        ops["xnnpack_partitions_int8"]["box_head"]
+        == ops["xnnpack_partitions_int8"]["mask_head"]
+        == 1
+    )
+    backbone_ops = set(report["graphs"]["backbone"]["ops"]["int8"]["op_counts"])
+    assert not backbone_ops & {"HARD_SWISH", "RESIZE_NEAREST_NEIGHBOR", "MAX_POOL_2D"}
+    assert report["graphs"]["backbone"]["onnx_rewrites"] == {
+        "HardSigmoid": 8,
+        "HardSwish": 20,
+        "Resize nearest 2x": 2,
+        "MaxPool 1x1": 1,
+    }
     assert any("XNNPACK" in note for note in report["limitations"])
 
 
@@ -550,3 +738,98 @@ def test_runner_on_litert_imports_only_numpy_pillow_and_ai_edge_litert(tiny, tmp
     assert extra == set(), f"the runner imports {sorted(extra)}"
     assert not used & {"tensorflow", "onnxruntime", "openvino", "torch", "onnx", "pipeline"}
     assert {"numpy", "PIL", "ai_edge_litert", "maskedge_runner"} <= used
+
+
+# --- the mobile target through invoke build's stages (tiny budget) ------------------------------
+
+
+def _build_config(demo_data, artifacts: Path, teacher: Path):
+    from pipeline.build import BuildConfig
+
+    return BuildConfig(
+        target="mobile",
+        checkpoint=teacher,
+        train_coco=demo_data["train"] / "annotations.json",
+        train_images=demo_data["train"] / "images",
+        calib_images=demo_data["calib"] / "images",
+        calib_count=4,
+        val_coco=demo_data["val"] / "annotations.json",
+        val_images=demo_data["val"] / "images",
+        distill_steps=2,
+        baseline=False,
+        latency_runs=2,
+        latency_warmup=1,
+        artifacts=artifacts,
+    )
+
+
+@pytest.fixture(scope="module")
+def mobile_build(demo_data, demo_teacher, tmp_path_factory):
+    """A mobile build of a 2-step student; the manifest on disk (a gate may pass or fail: the
+    student's AP is noise at this budget, the plumbing is what is tested)."""
+    from pipeline.build import run_build
+    from pipeline.errors import GateError
+
+    artifacts = tmp_path_factory.mktemp("mobile_artifacts")
+    try:
+        run_build(_build_config(demo_data, artifacts, demo_teacher.path))
+    except GateError:
+        pass
+    bundle = artifacts / "mobile"
+    return artifacts, bundle, json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_build_writes_a_litert_bundle_with_its_ops_report(mobile_build) -> None:
+    import ai_edge_litert
+
+    from pipeline.cache import sha256_file
+
+    _, bundle, manifest = mobile_build
+    assert manifest["target"] == "mobile" and manifest["profile"]["name"] == "pixel7"
+    assert manifest["runtime"]["name"] == "litert"
+    assert manifest["runtime"]["version"] == ai_edge_litert.__version__
+    assert manifest["runtime"]["options"] == {"num_threads": 4, "use_xnnpack": True}
+    for precision in ("fp32", "int8"):
+        for graph in ("backbone", "box_head", "mask_head"):
+            path = manifest["models"][precision][graph]
+            assert path == f"models/{precision}/{graph}.tflite"
+            assert (bundle / path).is_file() and (bundle / path).with_suffix(".io.json").is_file()
+    report = manifest["quantization"]["report"]
+    assert report["format"] == "tflite-full-integer-int8"
+    assert report["io_types"].startswith("float32 inputs and outputs")
+    ops = json.loads((bundle / report["ops_report"]).read_text())
+    assert ops["builtin_ops_only"] and ops["no_dynamic_tensors"] and ops["full_integer"]
+    # MobileNetV3 + FPN after the ONNX rewrites: each INT8 graph is one XNNPACK partition
+    assert ops["xnnpack_partitions_int8"] == {"backbone": 1, "box_head": 1, "mask_head": 1}
+    assert manifest["files"][report["ops_report"]] == sha256_file(bundle / report["ops_report"])
+    assert manifest["parity"]["through"] == "bundle runner (maskedge_runner.engine, litert)"
+    latency = next(c for c in manifest["gate"]["checks"] if "latency" in c["check"])
+    assert latency["passed"] is None  # no build host is a phone
+    assert any("not on a phone" in x for x in manifest["known_limitations"])
+
+
+@pytest.mark.slow
+def test_build_fails_naming_the_ops_when_the_profile_requires_the_gpu_delegate(
+    mobile_build, demo_data, demo_teacher, monkeypatch
+) -> None:
+    # the same build (every stage from the cache) with a profile that requires the GPU delegate
+    # and a GPU op table without CONV_2D: the build stops after quantize, naming the op
+    import dataclasses
+
+    import targets
+    from pipeline.build import run_build
+
+    artifacts, bundle, before = mobile_build
+    load = targets.load_profile
+
+    def requiring_gpu(*args, **kwargs):
+        profile = load(*args, **kwargs)
+        runtime = dataclasses.replace(profile.runtime, require_gpu_delegate=True)
+        return dataclasses.replace(profile, runtime=runtime)
+
+    monkeypatch.setattr(targets, "load_profile", requiring_gpu)
+    monkeypatch.setattr(tc, "GPU_DELEGATE_OPS", tc.GPU_DELEGATE_OPS - {"CONV_2D"})
+    with pytest.raises(ConversionError, match=r"requires LiteRT's GPU delegate.*CONV_2D x\d+"):
+        run_build(_build_config(demo_data, artifacts, demo_teacher.path))
+    assert json.loads((bundle / "manifest.json").read_text())["built_at"] == before["built_at"]

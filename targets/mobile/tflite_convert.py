@@ -7,7 +7,12 @@ For each graph in ``<fp32_dir>/models/fp32/`` (``backbone``, ``box_head``, ``mas
 2. convert a *copy* of the ONNX file (onnx2tf rewrites its input) in a temporary folder to a
    TensorFlow SavedModel with onnx2tf (NCHW -> NHWC, signature keyed by the ONNX input/output
    names). The heads' RoI axis is fixed to a static size (:func:`head_rows`; the runner runs
-   more RoIs in chunks), so no tensor is dynamic. onnx2tf runs with its ONNX simplifier off (it
+   more RoIs in chunks), so no tensor is dynamic. The copy is rewritten first (:data:`REWRITES`)
+   where an ONNX op would become a TFLite op that XNNPACK cannot run in int8 - HardSwish,
+   HardSigmoid, the FPN's nearest 2x Resize and its 1x1 stride-2 MaxPool - into ops that compute
+   the same values and that XNNPACK and the GPU delegate take: without them the INT8 backbone ran
+   in 23 XNNPACK partitions with LiteRT's reference kernels between them, with them in one.
+   onnx2tf runs with its ONNX simplifier off (it
    would call the ``onnxsim`` command from PATH) and its own quantization off: its INT8 path
    downloads a sample calibration file for 3-channel inputs even when calibration data is given.
    Every onnx2tf and TensorFlow call runs with outgoing connections refused
@@ -36,10 +41,13 @@ For each graph in ``<fp32_dir>/models/fp32/`` (``backbone``, ``box_head``, ``mas
 
 Why onnx2tf + TFLiteConverter: the feasibility spike for this target (issue 5) measured onnx2tf
 and litert-torch converting these graphs exactly in FP32; litert-torch's PT2E INT8 gave mixed
-int8/float outputs and pulls in jax, transformers and torchao, and onnx2tf's own INT8 path cannot
-be kept offline. TensorFlow's converter is the maintained full-integer quantizer behind both, and
-calibrating it directly on the captured inputs keeps one code path for every graph. Measured
-parity (cosine and SNR against ONNX Runtime FP32, per output) is in the report.
+int8/float outputs (its heads take int8 inputs) and pulls in jax, transformers and torchao, and
+onnx2tf's own INT8 path (``-oiqt``) cannot be kept offline. TensorFlow's converter is the
+maintained full-integer quantizer behind onnx2tf's, and calibrating it directly on the captured
+inputs keeps one code path for every graph. Measured here on the demo student: FP32 ``.tflite``
+cosine 1.0 against ONNX Runtime on every output, INT8 at least 0.9998 per graph, and the
+through-the-runner AP the build gates on (manifest ``parity``); with parity inside the budget,
+litert-torch would not earn its dependencies. Per-output cosine and SNR are in the report.
 
 Reads: ``<fp32_dir>/graph_spec.json`` and ``<fp32_dir>/models/fp32/*.onnx``.
 Writes: ``<out_dir>/graph_spec.json``, ``<out_dir>/models/{fp32,int8}/<graph>.tflite`` and
@@ -50,7 +58,9 @@ Known limits: calibration is min-max only (TFLite's calibrator; the profile's
 supported (full-integer means no float fallback); TFLite's int8 scheme is fixed (weights
 symmetric int8, activations asymmetric int8), so ``activation_type``/``weight_type`` must be
 ``int8``. The ops report's XNNPACK partition count is the build host's XNNPACK; a phone's may
-differ by CPU features.
+differ by CPU features. GPU-delegate compatibility is judged from LiteRT's op table
+(:data:`GPU_DELEGATE_OPS`), not by running the delegate, and not per op version or tensor rank.
+The heads run a static number of RoIs per call, so a call with fewer computes padding.
 """
 
 from __future__ import annotations
@@ -299,12 +309,221 @@ def rewrite_hard_sigmoid(model: Any) -> int:
     return replaced
 
 
-def write_static_copy(onnx_path: Path, copy: Path, rows: int | None) -> Path:
+def rewrite_hard_swish(model: Any) -> int:
+    """Replace each ONNX ``HardSwish`` (MobileNetV3's activation) in place with
+    ``(Clip(x + 3, 0, 6) * x) * (1/6)``, the same function; returns how many were replaced.
+
+    TFLite keeps HardSwish as ``HARD_SWISH``, whose int8 form XNNPACK does not take: each one cut
+    the INT8 backbone's XNNPACK graph in two (20 of them made 23 partitions, with the ops between
+    run on LiteRT's reference kernels). The converter folds the usual spellings
+    (``x * relu6(x + 3) / 6`` and ``x * (relu6(x + 3) / 6)``) back into ``HARD_SWISH``; this order
+    it does not, and converts to ADD (fused RELU6) and MUL (the 1/6 mostly folded into the next
+    convolution), which XNNPACK and the GPU delegate both run in int8.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    nodes = list(graph.node)
+    replaced = 0
+    del graph.node[:]
+    for node in nodes:
+        if node.op_type != "HardSwish" or node.domain not in ("", "ai.onnx"):
+            graph.node.append(node)
+            continue
+        base = f"{node.name or node.output[0]}/hardswish"
+        consts = {
+            f"{base}/three": 3.0,
+            f"{base}/zero": 0.0,
+            f"{base}/six": 6.0,
+            f"{base}/sixth": 1.0 / 6.0,
+        }
+        graph.initializer.extend(
+            numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items()
+        )
+        x = node.input[0]
+        graph.node.extend(
+            [
+                helper.make_node(
+                    "Add", [x, f"{base}/three"], [f"{base}/shifted"], name=f"{base}/Add"
+                ),
+                helper.make_node(
+                    "Clip",
+                    [f"{base}/shifted", f"{base}/zero", f"{base}/six"],
+                    [f"{base}/gate"],
+                    name=f"{base}/Clip",
+                ),
+                helper.make_node(
+                    "Mul", [f"{base}/gate", x], [f"{base}/product"], name=f"{base}/Mul"
+                ),
+                helper.make_node(
+                    "Mul",
+                    [f"{base}/product", f"{base}/sixth"],
+                    [node.output[0]],
+                    name=f"{base}/Div",
+                ),
+            ]
+        )
+        replaced += 1
+    return replaced
+
+
+def _static_shapes(model: Any) -> dict[str, list[int]]:
+    """Every value's static shape in ``model`` (shapes inferred; symbolic axes left out)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            shapes[value.name] = [int(d.dim_value) for d in dims]
+    return shapes
+
+
+def rewrite_nearest_upsample(model: Any) -> int:
+    """Replace each nearest-neighbour ``Resize`` that doubles H and W exactly (the FPN's top-down
+    upsampling) with ``DepthToSpace(Concat([x, x, x, x], channels), 2)``, the same values;
+    returns how many were replaced.
+
+    TFLite's ``RESIZE_NEAREST_NEIGHBOR`` has no XNNPACK kernel, so each one split the INT8
+    backbone; CONCATENATION and DEPTH_TO_SPACE run on XNNPACK and the GPU delegate in int8. Only
+    the mapping ``out[i] = in[floor(i / 2)]`` is rewritten (``coordinate_transformation_mode``
+    ``asymmetric``, ``nearest_mode`` ``floor`` or ``round_prefer_floor``, as torch exports
+    ``F.interpolate(mode="nearest")``); any other Resize is left as it is.
+    """
+    from onnx import helper
+
+    shapes = _static_shapes(model)
+    graph = model.graph
+    nodes = list(graph.node)
+    replaced = 0
+    del graph.node[:]
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        source, target = shapes.get(node.input[0] if node.input else ""), shapes.get(node.output[0])
+        doubles = (
+            source is not None
+            and target is not None
+            and len(source) == len(target) == 4
+            and target[:2] == source[:2]
+            and target[2:] == [2 * source[2], 2 * source[3]]
+        )
+        if (
+            node.op_type != "Resize"
+            or node.domain not in ("", "ai.onnx")
+            or not doubles
+            or attrs.get("mode", b"nearest") != b"nearest"
+            or attrs.get("coordinate_transformation_mode") != b"asymmetric"
+            or attrs.get("nearest_mode", b"round_prefer_floor")
+            not in (b"floor", b"round_prefer_floor")
+        ):
+            graph.node.append(node)
+            continue
+        base = f"{node.name or node.output[0]}/upsample2x"
+        graph.node.extend(
+            [
+                helper.make_node(
+                    "Concat", [node.input[0]] * 4, [f"{base}/tiled"], axis=1, name=f"{base}/Concat"
+                ),
+                helper.make_node(
+                    "DepthToSpace",
+                    [f"{base}/tiled"],
+                    [node.output[0]],
+                    blocksize=2,
+                    mode="DCR",
+                    name=f"{base}/DepthToSpace",
+                ),
+            ]
+        )
+        replaced += 1
+    return replaced
+
+
+def rewrite_subsample_pool(model: Any) -> int:
+    """Replace each 1x1 ``MaxPool`` without padding (the FPN's extra "pool" level: a strided
+    subsampling) with a depthwise 1x1 ``Conv`` of weight 1 and the same strides, the same values;
+    returns how many were replaced. XNNPACK takes no 1x1 pooling, so the MAX_POOL_2D split the
+    INT8 backbone; the depthwise convolution runs on XNNPACK and the GPU delegate."""
+    from onnx import helper, numpy_helper
+
+    shapes = _static_shapes(model)
+    graph = model.graph
+    nodes = list(graph.node)
+    replaced = 0
+    del graph.node[:]
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        shape = shapes.get(node.input[0] if node.input else "")
+        if (
+            node.op_type != "MaxPool"
+            or node.domain not in ("", "ai.onnx")
+            or shape is None
+            or len(shape) != 4
+            or list(attrs.get("kernel_shape", [])) != [1, 1]
+            or any(attrs.get("pads", [0]))
+            or set(attrs.get("dilations", [1])) != {1}
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")
+            or len(node.output) != 1
+        ):
+            graph.node.append(node)
+            continue
+        base = f"{node.name or node.output[0]}/subsample"
+        channels = shape[1]
+        graph.initializer.append(
+            numpy_helper.from_array(np.ones((channels, 1, 1, 1), np.float32), f"{base}/ones")
+        )
+        graph.node.append(
+            helper.make_node(
+                "Conv",
+                [node.input[0], f"{base}/ones"],
+                [node.output[0]],
+                group=channels,
+                kernel_shape=[1, 1],
+                strides=list(attrs.get("strides", [1, 1])),
+                name=f"{base}/Conv",
+            )
+        )
+        replaced += 1
+    return replaced
+
+
+def drop_dead_nodes(model: Any) -> int:
+    """Remove nodes whose outputs nothing reads (e.g. the shape arithmetic of a replaced Resize)
+    and initializers no node reads; returns how many nodes were removed."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    removed = len(graph.node) - len(kept)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    unused = [i for i in graph.initializer if i.name not in needed]
+    for init in unused:
+        graph.initializer.remove(init)
+    return removed
+
+
+# Rewrites of the ONNX copy, in order, each the same function in ops that XNNPACK and LiteRT's
+# GPU delegate run in int8; their counts per graph are in the quantize report (onnx_rewrites)
+REWRITES = (
+    ("HardSigmoid", rewrite_hard_sigmoid),
+    ("HardSwish", rewrite_hard_swish),
+    ("Resize nearest 2x", rewrite_nearest_upsample),
+    ("MaxPool 1x1", rewrite_subsample_pool),
+)
+
+
+def write_static_copy(onnx_path: Path, copy: Path, rows: int | None) -> dict[str, int]:
     """``onnx_path`` with its first (RoI) axis fixed to ``rows``, every other axis checked static.
 
     onnx2tf's ``overwrite_input_shape`` reaches only its onnxsim step, which maskedge keeps off,
     so the shapes are fixed in the ONNX copy itself (inputs and outputs; inner shapes are
-    inferred again).
+    inferred again). The :data:`REWRITES` are applied to the copy; returns how many of each were
+    made. The FP32 ``.tflite`` is later checked against ``onnx_path`` itself (:func:`bind_io`),
+    so a rewrite that changed the function fails the build.
     """
     import onnx
 
@@ -322,17 +541,20 @@ def write_static_copy(onnx_path: Path, copy: Path, rows: int | None) -> Path:
                     f"{onnx_path}: {value.name} has shape {shown} with a symbolic axis other "
                     "than the first; the mobile target needs static shapes (re-export the graph)"
                 )
-    rewrite_hard_sigmoid(model)
+    del model.graph.value_info[:]
+    counts = {name: rewrite(model) for name, rewrite in REWRITES}
+    drop_dead_nodes(model)
     del model.graph.value_info[:]
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.save(model, str(copy))
-    return copy
+    return {name: n for name, n in counts.items() if n}
 
 
 def to_saved_model(
     onnx_path: Path, work: Path, rows: int | None, samples: Sequence[Mapping[str, np.ndarray]]
-) -> Path:
-    """onnx2tf: a SavedModel of ``onnx_path`` (a copy is converted), first axis fixed to ``rows``.
+) -> tuple[Path, dict[str, int]]:
+    """onnx2tf: a SavedModel of ``onnx_path`` (a copy is converted), first axis fixed to ``rows``;
+    returns its folder and the rewrites made in the copy (:func:`write_static_copy`).
 
     Runs in ``work/<graph>`` as the working folder, with onnx2tf's sample-image file written
     there from ``samples`` and every network connection refused.
@@ -340,7 +562,7 @@ def to_saved_model(
     folder = work / onnx_path.stem
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / f"{onnx_path.stem}.onnx"
-    write_static_copy(onnx_path, copy, rows)
+    rewrites = write_static_copy(onnx_path, copy, rows)
     write_onnx2tf_samples(folder, samples)
     out = folder / "saved_model"
     import_tensorflow()
@@ -375,7 +597,7 @@ def to_saved_model(
         raise ConversionError(f"{onnx_path}: onnx2tf failed: {type(err).__name__}: {err}") from err
     if not (out / "saved_model.pb").is_file():
         raise ConversionError(f"{onnx_path}: onnx2tf wrote no SavedModel in {out}")
-    return out
+    return out, rewrites
 
 
 @contextlib.contextmanager
@@ -708,6 +930,7 @@ GPU_DELEGATE_OPS = frozenset(
         "CONV_2D",
         "COS",
         "DEPTHWISE_CONV_2D",
+        "DEPTH_TO_SPACE",
         "DEQUANTIZE",
         "DIV",
         "ELU",
@@ -911,12 +1134,16 @@ def check_deployable(graph: str, checks: Mapping[str, Mapping[str, Any]]) -> Non
 
 
 def check_gpu_delegate(reports: Mapping[str, Mapping[str, Any]], *, profile: str = "") -> None:
-    """ConversionError naming, per graph, the ops LiteRT's GPU delegate cannot run."""
-    failing = {
-        g: r["ops"]["int8"]["gpu_delegate"]
+    """ConversionError naming, per graph, the ops LiteRT's GPU delegate cannot run.
+
+    Judged from each INT8 graph's op counts and dynamic tensors with the current
+    :data:`GPU_DELEGATE_OPS`, so that a quantize report from the cache is judged like a new one.
+    """
+    verdicts = {
+        g: gpu_delegate_report(r["ops"]["int8"]["op_counts"], r["ops"]["int8"]["dynamic_tensors"])
         for g, r in reports.items()
-        if not r["ops"]["int8"]["gpu_delegate"]["compatible"]
     }
+    failing = {g: v for g, v in verdicts.items() if not v["compatible"]}
     if failing:
         detail = "; ".join(f"{g}: {', '.join(v['reasons'])}" for g, v in failing.items())
         raise ConversionError(
@@ -968,7 +1195,7 @@ def convert_graph(
     t0 = time.perf_counter()
     check_quantizable(onnx.load(str(onnx_path), load_external_data=False), onnx_path)
     rows = head_rows(graph, spec)
-    saved = to_saved_model(onnx_path, work, rows, samples)
+    saved, rewrites = to_saved_model(onnx_path, work, rows, samples)
     rows = rows or 1
     fp32 = convert_tflite(saved, int8=False)
     io_spec = bind_io(onnx_path, fp32, samples, rows)
@@ -1010,6 +1237,7 @@ def convert_graph(
         "onnx_bytes": onnx_path.stat().st_size,
         "files": files,
         "rows_per_call": rows,
+        "onnx_rewrites": rewrites,
         "calibration_samples": len(samples),
         "calibration_batches": len(representative),
         "io": {k: io_spec[k] for k in ("inputs", "outputs", "io_types", "verified")},
