@@ -10,6 +10,14 @@ Reads: the teacher checkpoint (default ``demo/teacher.pt``), a training set for 
 Writes: ``artifacts/cache/<stage>-<key>/`` for every finished stage (a rerun or another target
 reuses them and says so) and the bundle ``artifacts/<target>/`` (see :mod:`pipeline.bundle`).
 
+A teacher whose classes are not the demo's (other ids or names) distils on the demo train images
+with its own pseudo-labels and, without ``--val-coco``, is validated against its own detections
+scoring >= 0.5 on the demo val images (cached as ``pseudo-val-<key>/``): AP then measures
+agreement with the teacher, not accuracy, and the report's data sources say so. A
+``--train-coco``/``--val-coco`` file must share category ids with the teacher, under the same
+names when the teacher names its classes. Unreadable images are skipped and counted in the
+report's data section; with ``strict`` the build stops at the first, before distillation.
+
 Known limits: latency is measured on the build host with the profile's thread count; it gates
 the build only when the host is the profile's kind of machine (same CPU architecture), otherwise
 it is reported and marked "not gated". Images are processed one at a time (batch size 1).

@@ -1,7 +1,8 @@
 """Image sets maskedge reads: COCO instance annotations with an image folder, or a plain folder.
 
 Reads ``annotations.json`` (COCO instances) and the images it names, or every image under a
-folder (recursively; hidden files and folders are ignored). Writes nothing.
+folder (recursively; hidden files and folders are ignored). Writes nothing, except
+:func:`write_pseudo_labelled_coco`, which writes the COCO file it is given.
 
 A COCO file is checked and cleaned once, when :class:`CocoInstances` is built, before anything
 trains on it or is measured against it; pycocotools then indexes the cleaned copy, and
