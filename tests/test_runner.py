@@ -540,7 +540,7 @@ def test_backend_options_reach_the_session(student_bundle):
 @pytest.mark.parametrize(
     ("kind", "options", "message"),
     [
-        ("tflite", {}, "unknown backend 'tflite'; available: onnxruntime"),
+        ("coreml", {}, "unknown backend 'coreml'; available: litert, onnxruntime, openvino"),
         ("onnxruntime", {"threads": 2}, "unknown onnxruntime options ['threads']"),
         ("onnxruntime", {"intra_op_num_threads": -1}, "expected an integer >= 0"),
         ("onnxruntime", {"graph_optimization_level": "max"}, "disable, basic, extended, all"),

@@ -160,6 +160,8 @@ def import_tensorflow() -> Any:
 
     if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not None:
         import triton  # noqa: F401
+    # TensorFlow's C++ INFO/WARNING lines (per SavedModel load, per op) would swamp the build log
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     try:
         import tensorflow as tf
@@ -1405,6 +1407,12 @@ def _limitations(reports: Mapping[str, Any]) -> list[str]:
         "speed on an x86 host is not a phone's.",
         "GPU-delegate compatibility is checked against LiteRT's GPU op table, not by running the "
         "GPU delegate (no phone GPU here); the Core ML delegate (iPhone) is not validated.",
+        "Full-integer INT8 calibrated min-max on the calibration set; nothing is kept in float. "
+        "Graph inputs and outputs are float32: each model quantizes its inputs and dequantizes "
+        "its outputs with its own scale and zero point (io_types, models/*/<graph>.io.json).",
+        "The runner needs ai-edge-litert (wheels for Linux x86_64/aarch64 and macOS); a phone "
+        "app runs the same .tflite files with its own LiteRT and must bind outputs by the "
+        "signature keys and axis orders in the .io.json files, not by position.",
     ]
     for graph, r in reports.items():
         x = r["ops"]["int8"]["xnnpack"]
