@@ -73,6 +73,10 @@ def _number(flag: str, value, kind=int):
         raise ConfigError(f"--{flag}={value!r} must be {what}") from None
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def _flag(flag: str, value):
     from pipeline.errors import ConfigError
 
@@ -142,6 +146,51 @@ def build(c, target="arm64", profile=None, checkpoint=None, arch=None, num_class
             artifacts=ARTIFACTS,
         )
         return run_build(config)
+
+    _run(go, debug)
+
+
+@task(auto_shortflags=False, iterable=["set_"], help={
+    "nproc": "processes to distill on (default 1); N > 1 re-launches through torchrun "
+             "(--standalone, one node): one per GPU with CUDA, else N CPU processes with gloo",
+    "steps": "distillation steps (default: the build's budget, DistillSettings.steps)",
+    "student": "student backbone: mobilenet_v3_large (default) or resnet18",
+    "image_size": "deployment input size in pixels, a multiple of 64 (default 256)",
+    "set_": "change a DistillSettings field, NAME=VALUE (repeatable), e.g. --set batch_size=8",
+    "baseline": "also train the ground-truth-only student with the same budget and report the "
+                "fraction of the teacher-baseline gap distillation closed",
+    "checkpoint": "teacher checkpoint (default: the embedded demo teacher)",
+    "trust_checkpoint": "allow unpickling arbitrary Python objects from --checkpoint",
+    "train_coco": "COCO annotations to distill on (default: the demo train split)",
+    "train_images": "image folder of --train-coco, or alone: unlabelled images (pseudo-labels)",
+    "val_coco": "COCO annotations to evaluate on (default: the demo val split with demo data)",
+    "val_images": "image folder of --val-coco",
+    "val_limit": "evaluate on the first N val images only",
+    "out": "folder of the runs (default artifacts/distill); a rerun resumes or reuses them",
+    "debug": "show full tracebacks",
+})
+def distill(c, nproc=None, steps=None, student="mobilenet_v3_large", image_size=None, set_=None,
+            baseline=False, checkpoint=None, trust_checkpoint=False, train_coco=None,
+            train_images=None, val_coco=None, val_images=None, val_limit=None, out=None,
+            debug=False):
+    """Distill the teacher into a student (resumable, optionally on N processes); print AP."""
+    from pipeline.distill_cli import DistillJob, format_table, launch, title_for
+
+    def go():
+        job = DistillJob(
+            artifacts=ARTIFACTS, out=_path(out) or ARTIFACTS / "distill",
+            steps=_number("steps", steps), student=student,
+            image_size=_or(_number("image-size", image_size), 256),
+            overrides=tuple(set_ or ()),
+            baseline=bool(baseline), checkpoint=_path(checkpoint),
+            trust_checkpoint=bool(trust_checkpoint), train_coco=_path(train_coco),
+            train_images=_path(train_images), val_coco=_path(val_coco),
+            val_images=_path(val_images), val_limit=_number("val-limit", val_limit),
+            nproc=_or(_number("nproc", nproc), 1),
+        )
+        rows = launch(job)
+        if rows:
+            print("\n" + format_table(rows, title_for(job, job.settings(), rows)))
 
     _run(go, debug)
 

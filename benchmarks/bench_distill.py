@@ -22,22 +22,13 @@ there when interrupted (a finished run is reused, so a second call only evaluate
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import logging
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def main() -> None:
@@ -56,81 +47,36 @@ def main() -> None:
     import tasks
 
     tasks._setup_logging()
-    log = logging.getLogger("bench_distill")
 
-    import torch
-
-    from pipeline.cache import hash_json
     from pipeline.checkpoint import load_checkpoint
     from pipeline.datasets import CocoInstances, list_images
     from pipeline.demo import DemoSpec, ensure_demo_data
-    from pipeline.distill import DistillSettings, baseline_settings, distill, gap_closed
-    from pipeline.evaluate import TorchPredictor, evaluate_coco
-    from pipeline.models import count_macs, count_parameters, student_spec
+    from pipeline.distill import DistillSettings
+    from pipeline.distill_cli import compare_students, format_table, parse_overrides, run_plans
+    from pipeline.errors import ConfigError
+    from pipeline.models import student_spec
     from pipeline.train import DEMO_TEACHER
 
-    names = {f.name for f in fields(DistillSettings)}
-    overrides = {}
-    for item in args.set:
-        key, _, text = item.partition("=")
-        if key not in names:
-            parser.error(f"--set {item!r}: no DistillSettings field {key!r}")
-        overrides[key] = _value(text)
-    if args.steps:
-        overrides["steps"] = args.steps
-    settings = replace(DistillSettings(), **overrides)
-
-    splits = ensure_demo_data(REPO / "artifacts" / "demo_data", DemoSpec())
-    train = CocoInstances(splits["train"] / "annotations.json", splits["train"] / "images")
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    try:
+        overrides = parse_overrides(args.set)
+        if args.steps:
+            overrides["steps"] = args.steps
+        settings = replace(DistillSettings(), **overrides)
+        splits = ensure_demo_data(REPO / "artifacts" / "demo_data", DemoSpec())
+        train = CocoInstances(splits["train"] / "annotations.json", splits["train"] / "images")
+        plans = run_plans(settings, train, list_images(splits["train"] / "images"), runs)
+    except ConfigError as err:
+        parser.error(str(err))
     val = CocoInstances(splits["val"] / "annotations.json", splits["val"] / "images")
     loaded = load_checkpoint(DEMO_TEACHER)
-    teacher = loaded.model
     spec = student_spec(loaded.num_classes, backbone=args.student, image_size=args.image_size)
 
-    plans = {"baseline": (baseline_settings(settings), train),
-             "distilled": (settings, train),
-             "unlabelled": (replace(settings, use_gt=False), list_images(splits["train"]
-                                                                         / "images"))}
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = sorted(set(runs) - set(plans))
-    if unknown:
-        parser.error(f"--runs: unknown {unknown}; choose from {sorted(plans)}")
-
-    rows = []
-    teacher_m = evaluate_coco(TorchPredictor(teacher), val, limit=args.val_limit)
-    rows.append({"model": "teacher", **teacher_m, "parameters": count_parameters(teacher),
-                 "macs": count_macs(teacher, args.image_size)["total"], "seconds": None})
-    for run in runs:
-        run_settings, data = plans[run]
-        key = hash_json({"settings": asdict(run_settings), "spec": spec.to_dict()})[:12]
-        workdir = args.out / f"{run}-{key}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "settings.json").write_text(json.dumps(asdict(run_settings), indent=2))
-        torch.manual_seed(0)
-        student, report = distill(teacher, spec, train=data, settings=run_settings,
-                                  workdir=workdir)
-        m = evaluate_coco(TorchPredictor(student), val, limit=args.val_limit)
-        rows.append({"model": run, **m, "parameters": count_parameters(student),
-                     "macs": count_macs(student, args.image_size)["total"],
-                     "seconds": report["seconds"], "settings": asdict(run_settings)})
-        log.info("%s: mask AP %.4f box AP %.4f", run, m["mask_ap"], m["box_ap"])
-
-    base = next((r for r in rows if r["model"] == "baseline"), None)
-    print(f"\ndistillation on the demo: {args.student} student, {settings.steps} steps, "
-          f"{args.image_size} px, {int(teacher_m['images'])} val images\n")
-    header = (f"{'model':<12}{'box AP':>8}{'mask AP':>9}{'mask AP50':>10}{'params M':>10}"
-              f"{'GMACs':>8}{'train s':>9}{'gap closed':>12}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        closed = None
-        if base is not None and r["model"] not in ("teacher", "baseline"):
-            closed = gap_closed(teacher_m["mask_ap"], base["mask_ap"], r["mask_ap"])
-            r["mask_gap_closed"] = closed
-        print(f"{r['model']:<12}{r['box_ap']:>8.3f}{r['mask_ap']:>9.3f}{r['mask_ap50']:>10.3f}"
-              f"{r['parameters'] / 1e6:>10.2f}{r['macs'] / 1e9:>8.2f}"
-              f"{(str(round(r['seconds'])) if r['seconds'] else '-'):>9}"
-              f"{(f'{100 * closed:.0f} %' if closed is not None else '-'):>12}")
+    rows = compare_students(loaded.model, spec, plans, val=val, out=args.out,
+                            val_limit=args.val_limit)
+    title = (f"distillation on the demo: {args.student} student, {settings.steps} steps, "
+             f"{args.image_size} px, {int(rows[0]['images'])} val images")
+    print("\n" + format_table(rows, title))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
 

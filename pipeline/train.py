@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,22 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 
 
 def load_batch(data: CocoInstances, indices: list[int], step: int, seed: int,
-               device: torch.device) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+               device: torch.device, positions: Sequence[int] | None = None
+               ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Images and targets of batch ``step``, each flipped at random (seeded by step).
+
+    ``positions`` (default: all) picks which of ``indices`` to load; the flips are drawn for the
+    whole batch first, so a shard of it sees the very flips the whole batch would.
+    """
     rng = np.random.default_rng((seed, 1_000_003, step))
+    flips = [rng.random() < 0.5 for _ in indices]
+    picked = range(len(indices)) if positions is None else positions
     images, targets = [], []
-    for idx in indices:
-        image_id = data.image_ids[idx]
+    for pos in picked:
+        image_id = data.image_ids[indices[pos]]
         img = data.load_image(image_id)
         tgt = data.target(image_id)
-        if rng.random() < 0.5:
+        if flips[pos]:
             w = img.shape[1]
             img = img[:, ::-1]
             boxes = tgt["boxes"].copy()
