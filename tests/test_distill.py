@@ -212,6 +212,8 @@ def test_feature_imitation_reduces_feature_mse(teacher, spec, train_set, tmp_pat
         steps=12,
         detection_weight=0.0,
         logit_weight=0.0,
+        box_weight=0.0,
+        mask_weight=0.0,
         lr=3e-3,
         batch_size=len(train_set),
         warmup_steps=1,
@@ -297,7 +299,9 @@ def test_settings_and_inputs_are_checked(teacher, spec, tmp_path):
     with pytest.raises(ConfigError, match="label_merge"):
         DistillSettings(label_merge="both")
     with pytest.raises(ConfigError, match="all 0"):
-        DistillSettings(detection_weight=0, feature_weight=0, logit_weight=0)
+        DistillSettings(
+            detection_weight=0, feature_weight=0, logit_weight=0, box_weight=0, mask_weight=0
+        )
     with pytest.raises(ConfigError, match="num_classes"):
         distill(
             teacher,
