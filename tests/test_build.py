@@ -68,6 +68,43 @@ def test_bundle_layout_and_manifest(built):
     assert not list(artifacts.glob(".staging-*"))
 
 
+def test_report_compares_distilled_student_with_ground_truth_baseline(built):
+    artifacts, manifest = built
+    comparison = manifest["distillation"]["comparison"]
+    rows = {r["model"]: r for r in comparison["rows"]}
+    assert list(rows) == ["teacher", "student, ground truth only", "student, distilled"]
+    baseline = comparison["baseline"]
+    # the baseline had the same budget and no teacher at all
+    assert baseline["steps"] == manifest["distillation"]["steps"] == 2
+    assert baseline["settings"]["label_merge"] == "gt_only"
+    assert baseline["settings"]["init_from_teacher"] is False
+    assert baseline["settings"]["feature_weight"] == baseline["settings"]["logit_weight"] == 0
+    assert rows["student, ground truth only"]["parameters"] == rows["student, distilled"][
+        "parameters"]
+    ap = manifest["parity"]["ap"]
+    assert rows["student, distilled"]["mask_ap"] == ap["student_fp32_torch"]["mask_ap"]
+    assert rows["teacher"]["mask_ap"] == ap["teacher"]["mask_ap"]
+    gap = rows["teacher"]["mask_ap"] - rows["student, ground truth only"]["mask_ap"]
+    closed = comparison["gap_closed"]["mask_ap"]
+    if gap > 1e-9:
+        expected = (rows["student, distilled"]["mask_ap"]
+                    - rows["student, ground truth only"]["mask_ap"]) / gap
+        assert closed == pytest.approx(expected, abs=1e-3)
+    else:
+        assert closed is None
+    report = (artifacts / "arm64" / "report.md").read_text()
+    assert "## Distillation" in report and "student, ground truth only" in report
+
+
+def test_unlabelled_training_images_build_without_a_baseline(demo_data, teacher, tmp_path):
+    manifest = run_build(_config(demo_data, tmp_path, teacher, train_coco=None))
+    comparison = manifest["distillation"]["comparison"]
+    assert "unlabelled" in comparison["baseline"]["skipped"]
+    assert [r["model"] for r in comparison["rows"]] == ["teacher", "student, distilled"]
+    assert comparison["gap_closed"] is None
+    assert "No ground-truth-only baseline" in (tmp_path / "arm64" / "report.md").read_text()
+
+
 def test_tarball_holds_the_bundle(built):
     artifacts, _ = built
     with tarfile.open(artifacts / "arm64" / "maskedge-arm64.tar.gz") as tar:
@@ -80,7 +117,7 @@ def test_second_build_reuses_cached_stages(built, demo_data, teacher, caplog):
     artifacts, _ = built
     with caplog.at_level("INFO"):
         manifest = run_build(_config(demo_data, artifacts, teacher))
-    for stage in ("distill", "export", "quantize"):
+    for stage in ("distill", "baseline", "export", "quantize"):
         assert manifest["stages"][stage]["cached"] is True, stage
     assert "reused from cache" in caplog.text
 
