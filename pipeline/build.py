@@ -423,8 +423,9 @@ def _stage_export(stages: _Stages, student, student_hash: str) -> Path:
 def _quant_settings(config: BuildConfig, profile):
     q = profile.quantization
     changes = {}
-    if config.calib_method:
+    if config.calib_method:  # every graph, heads included
         changes["calibrate_method"] = config.calib_method
+        changes["head_calibrate_method"] = None
     if config.per_channel is not None:
         changes["per_channel"] = config.per_channel
     return q.with_(**changes) if changes else q

@@ -770,14 +770,16 @@ def quantize_graphs(
     reports: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out_dir) as tmp:
         work = Path(tmp)
-        prepared = [_prepare(g, models / f"{g}.onnx", samples[g], settings, work) for g in graphs]
+        prepared = [_prepare(g, models / f"{g}.onnx", samples[g], settings.for_graph(g), work)
+                    for g in graphs]
         _check_keep_float(settings, prepared)
         int8_dir = out_dir / "models" / "int8"
         int8_dir.mkdir(parents=True, exist_ok=True)
         for p in prepared:
             r = reports[p.graph] = _quantize_prepared(
-                p, int8_dir / f"{p.graph}.onnx", settings, work
+                p, int8_dir / f"{p.graph}.onnx", settings.for_graph(p.graph), work
             )
+            r["calibrate_method"] = settings.for_graph(p.graph).calibrate_method
             log.info(
                 "%s: %d -> %d bytes, %d Q / %d DQ, min cosine %.4f, SNR %.1f dB, %.1fs",
                 p.graph,

@@ -114,6 +114,8 @@ class QuantizationSettings:
     """
 
     calibrate_method: str = "minmax"
+    # the RoI heads' method when it should differ from the backbone's (None: the same)
+    head_calibrate_method: str | None = None
     per_channel: bool = True
     activation_type: str = "int8"
     weight_type: str = "int8"
@@ -153,6 +155,13 @@ class QuantizationSettings:
             self.calibrate_method,
             f"must be one of {', '.join(CALIBRATION_METHODS)}",
         )
+        _check(
+            self.head_calibrate_method is None
+            or self.head_calibrate_method in CALIBRATION_METHODS,
+            "quantization.head_calibrate_method",
+            self.head_calibrate_method,
+            f"must be one of {', '.join(CALIBRATION_METHODS)} (or left out)",
+        )
         for key in ("activation_type", "weight_type"):
             _check(
                 getattr(self, key) in QUANT_TYPES,
@@ -188,14 +197,22 @@ class QuantizationSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (lists, not tuples), for reports and cache keys.
 
-        The NNCF fields are left out while they hold their defaults, so that the cache keys of
-        builds that do not use them stay what they were before the fields existed.
+        The NNCF fields and ``head_calibrate_method`` are left out while they hold their
+        defaults, so that the cache keys of builds that do not use them stay what they were
+        before the fields existed.
         """
         data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        for key in NNCF_FIELDS:
+        for key in (*NNCF_FIELDS, "head_calibrate_method"):
             if data[key] in (None, []):
                 del data[key]
         return data
+
+    def for_graph(self, graph: str) -> QuantizationSettings:
+        """The settings one graph is quantized with: the heads (``box_head``, ``mask_head``) take
+        ``head_calibrate_method`` when it is set."""
+        if self.head_calibrate_method is None or graph == "backbone":
+            return self
+        return replace(self, calibrate_method=self.head_calibrate_method)
 
     def with_(self, **changes: Any) -> QuantizationSettings:
         """A copy with ``changes`` applied (and validated)."""

@@ -126,6 +126,10 @@ def _load(path: Path) -> HardwareProfile:
             "quantization.calibrate_method",
         ),
         (
+            lambda d: d["quantization"].update(head_calibrate_method="kl"),
+            "quantization.head_calibrate_method",
+        ),
+        (
             lambda d: d["quantization"].update(activation_type="int4"),
             "quantization.activation_type",
         ),
@@ -187,3 +191,26 @@ def test_settings_copies_are_validated() -> None:
     assert looser.latency_budget_ms == profile.budgets.latency_p90_ms
     with pytest.raises(ConfigError, match="max_mask_ap_drop"):
         profile.with_parity_budget(101.0)
+
+
+def test_heads_can_calibrate_with_their_own_method() -> None:
+    q = QuantizationSettings(calibrate_method="entropy", head_calibrate_method="percentile")
+    assert q.for_graph("backbone").calibrate_method == "entropy"
+    assert q.for_graph("box_head").calibrate_method == "percentile"
+    assert q.for_graph("mask_head").calibrate_method == "percentile"
+    assert QuantizationSettings(calibrate_method="entropy").for_graph("box_head") \
+        .calibrate_method == "entropy"
+    # left out of cache keys and reports while unset, so older cache entries stay valid
+    assert "head_calibrate_method" not in QuantizationSettings().to_dict()
+    assert q.to_dict()["head_calibrate_method"] == "percentile"
+    rpi5 = get_target("arm64").profile("rpi5").quantization
+    assert (rpi5.calibrate_method, rpi5.head_calibrate_method) == ("entropy", "percentile")
+
+
+def test_calib_method_option_applies_to_every_graph() -> None:
+    from pipeline.build import BuildConfig, _quant_settings
+
+    profile = get_target("arm64").profile("rpi5")
+    q = _quant_settings(BuildConfig(calib_method="minmax"), profile)
+    assert {q.for_graph(g).calibrate_method for g in ("backbone", "box_head", "mask_head")} == {
+        "minmax"}
