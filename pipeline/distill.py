@@ -1,27 +1,37 @@
 """The distill stage: train the edge student from the teacher.
 
 The student is ``build_model(student_spec)`` (a torchvision ``MaskRCNN``, MobileNetV3-Large FPN by
-default). It learns from four signals, each switchable and weighted in :class:`DistillSettings`:
+default, ResNet-18 FPN with ``student_spec(backbone="resnet18")``). It learns from these signals,
+each switchable and weighted in :class:`DistillSettings` (a weight of 0 switches a term off):
 
-- *parameter distillation*: every student module whose parameters and buffers all have a
-  namesake of the same shape in the teacher is copied from it before training (with the demo
-  architectures: the FPN output convs, the RPN head, the box head and the box predictor, about
-  40 % of the student's weights; the MobileNet body, the FPN lateral convs and the narrower mask
-  head start fresh), and can be held fixed for the first ``freeze_heads_steps`` steps;
-- *detection losses* (torchvision's own RPN, box and mask losses) on teacher pseudo-labels
-  (teacher detections scoring at least ``pseudo_label_threshold``, masks pasted and thresholded at
-  0.5) and, when ``train`` is a COCO set, on its ground truth (``label_merge``: ``"union"`` adds
-  the pseudo-labels that overlap no ground-truth box at IoU >= 0.5; ``"gt_first"`` uses ground
-  truth alone wherever an image is annotated);
-- *FPN feature imitation*: MSE between student and teacher FPN levels ``0, 1, 2, pool``, averaged
-  over the cells whose centre lies inside a target box, plus ``feature_global_weight`` times the
-  MSE over the whole map, divided by the teacher's mean square per level so that the weight does
-  not depend on the teacher's feature scale (a learned 1x1 adapter maps the student's width to
-  the teacher's when they differ; it is not part of the student). With equal widths the
-  student's features are pulled toward the teacher's own, which is what its copied heads expect;
-- *RoI class-logit distillation*: both box heads run on the teacher's RPN proposals, each pooling
-  from its own features; the loss is ``T^2 * KL(teacher || student)`` of the class softmax at
-  temperature ``T``.
+- *parameter distillation* (``init_from_teacher``): every student module whose parameters and
+  buffers all have a namesake of the same shape in the teacher is copied from it before training
+  (with the demo architectures: the FPN output convs, the RPN head, the box head and the box
+  predictor, about 40 % of the student's weights; the MobileNet body, the FPN lateral convs and
+  the narrower mask head start fresh), and can be held fixed for the first
+  ``freeze_heads_steps`` steps;
+- *detection losses* (``detection_weight``; torchvision's own RPN, box and mask losses) on teacher
+  pseudo-labels (teacher detections scoring at least ``pseudo_label_threshold``, masks pasted and
+  thresholded at 0.5) and, when ``train`` is a COCO set, on its ground truth (``label_merge``:
+  ``"union"`` adds the pseudo-labels that overlap no ground-truth box at IoU >= 0.5;
+  ``"gt_first"`` uses ground truth alone wherever an image is annotated; ``"gt_only"`` never
+  uses pseudo-labels);
+- *FPN feature imitation* (``feature_weight``): MSE between student and teacher FPN levels at the
+  same stride (:func:`match_levels`; a teacher with a stride-4 level, like torchvision's
+  ResNet-50 FPN, pairs by stride, not by name), averaged over the cells whose centre lies inside
+  a target box, plus ``feature_global_weight`` times the MSE over the whole map, divided by the
+  teacher's mean square per level so that the weight does not depend on the teacher's feature
+  scale (a learned 1x1 adapter maps the student's width to the teacher's when they differ; it is
+  not part of the student);
+- *channel-wise distillation* (``channel_weight``, off by default; ``channel_temperature``): per
+  channel of each matched level, ``T^2 * KL`` between the teacher's and the student's spatial
+  softmax (:func:`channel_wise_loss`);
+- *RoI distillation* on the teacher's RPN proposals, both box heads pooling from their own
+  features: class logits (``logit_weight``, ``T^2 * KL`` at ``temperature``), box regression
+  (``box_weight``, smooth-L1 to the teacher's deltas of its most likely class, weighted by that
+  probability) (:func:`roi_distill_losses`), and mask logits (``mask_weight``, per-pixel BCE
+  toward the teacher's mask probabilities on its own detections, weighted by score)
+  (:func:`mask_distill_loss`).
 
 Both models see the same batch, resized and normalised by the student's transform (so the teacher
 runs at the student's input size), horizontally flipped at random as in :mod:`pipeline.train`.

@@ -705,3 +705,21 @@ def test_runner_imports_only_numpy_pillow_onnxruntime(cli_bundle, val_images, tm
     assert extra == set(), f"the runner imports {sorted(extra)}"
     assert not used & {"torch", "torchvision", "pipeline", "onnx", "pycocotools", "scipy"}
     assert {"numpy", "PIL", "onnxruntime", "maskedge_runner"} <= used
+
+
+def test_runner_works_in_a_venv_with_only_numpy_pillow_and_onnxruntime(cli_bundle, val_images,
+                                                                        tmp_path):
+    from runner_venv import bare_venv
+
+    python = bare_venv(tmp_path / "env", ["numpy", "pillow", "onnxruntime"])
+    shutil.copytree(REPO / "maskedge_runner", tmp_path / "maskedge_runner")
+    image = tmp_path / "probe.png"
+    Image.fromarray(val_images[0]).save(image)
+    run = subprocess.run(
+        [str(python), "-m", "maskedge_runner", str(cli_bundle), "--image", str(image),
+         "--precision", "fp32", "--out", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "probe.overlay.png").is_file()
+    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True)
+    assert probe.returncode != 0  # the venv really lacks the build's packages

@@ -347,3 +347,20 @@ def test_runner_cli_and_bench_run_the_openvino_bundle(ov_bundle, tmp_path: Path)
     assert "INT8" in result["runtime"]["capabilities"]
     assert isinstance(result["host"]["isa"], list)
     assert result["stages_ms"]["backbone"]["mean"] > 0
+
+
+def test_runner_works_in_a_venv_with_only_numpy_pillow_and_openvino(ov_bundle, tmp_path) -> None:
+    from runner_venv import bare_venv
+
+    folder, _, _ = ov_bundle
+    python = bare_venv(tmp_path / "env", ["numpy", "pillow", "openvino"])
+    shutil.copytree(REPO / "maskedge_runner", tmp_path / "maskedge_runner")
+    image = next((folder / "samples").iterdir())
+    run = subprocess.run(
+        [str(python), "-m", "maskedge_runner", str(folder), "--image", str(image),
+         "--threads", "1", "--out", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert list((tmp_path / "out").glob("*.overlay.png"))
+    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True)
+    assert probe.returncode != 0  # the venv really lacks the build's packages
