@@ -206,6 +206,7 @@ def test_fp32_parity_on_demo_val(model_and_engine, val_images, request):
 
 @pytest.mark.parametrize("shape", [(200, 320), (320, 200)])
 def test_fp32_parity_on_non_square_images(demo_teacher, teacher_engine, val_images, shape):
+    """B04: letterboxed to the model's square, boxes and masks mapped back, torch parity."""
     h, w = shape
     reference = TorchPredictor(demo_teacher.model)
     image = _resized(val_images[0], h, w)

@@ -266,6 +266,7 @@ def test_ort_keep_float_settings_are_refused(graph_folder: Path, tmp_path: Path)
 
 
 def test_qoperator_onnx_is_refused_naming_the_ops(graph_folder: Path, tmp_path: Path) -> None:
+    """B12: an ONNX already quantized in QOperator format gets an error listing its ops."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     from targets.ort_quantize import GraphInputs
