@@ -26,13 +26,18 @@ def _setup_logging(debug: bool = False) -> None:
     from rich.logging import RichHandler
 
     console = Console(stderr=True)
+    # maskedge's own modules log at INFO; libraries only warnings (onnxruntime.quantization logs
+    # every copied bias at INFO on the root logger), everything with --debug
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
+        level=logging.DEBUG if debug else logging.WARNING,
         format="%(message)s",
         datefmt="[%X]",
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=debug)],
         force=True,
     )
+    if not debug:
+        for ours in ("pipeline", "targets", "calibration", "maskedge_runner", "tasks", "__main__"):
+            logging.getLogger(ours).setLevel(logging.INFO)
     for noisy in ("PIL", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -39,6 +39,8 @@ KL threshold in Python, tensor by tensor: about half a minute for a MobileNet ba
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import platform
@@ -309,7 +311,14 @@ def _calibrate(
         for start in range(0, len(reader), CALIBRATION_CHUNK):
             reader.set_range(start, min(start + CALIBRATION_CHUNK, len(reader)))
             calibrator.collect_data(reader)
-        save_tensors_data(calibrator.compute_data(), cache)
+        # ORT's histogram calibrators print their bin counts to stdout: keep them in the debug log
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            ranges = calibrator.compute_data()
+        if printed.getvalue().strip():
+            log.debug("onnxruntime calibrator: %s", " ".join(printed.getvalue().split()))
+        if settings.calibrate_method != "minmax" and settings.output_ranges == "minmax":
+            _output_ranges_minmax(src, calibrator, ranges)
+        save_tensors_data(ranges, cache)
         _method_file(cache).write_text(settings.calibrate_method)
     except ValueError as err:
         # numpy's histogram refuses a tensor whose whole range is one value (a dead channel, a
@@ -329,6 +338,31 @@ def _calibrate(
     finally:
         (work / "augmented.onnx").unlink(missing_ok=True)
         reader.rewind()
+
+
+def _output_ranges_minmax(src: Path, calibrator: Any, ranges: Any) -> list[str]:
+    """Give the graph's outputs the min-max range the histogram calibrator saw.
+
+    The outputs of the static graphs are what the host code decides on: RPN logits and box
+    deltas, FPN features pooled by RoIAlign, class scores, mask logits. A histogram method
+    (entropy, percentile) clips their tails - the strongest objectness, the largest deltas, the
+    peak feature responses - and on the demo student entropy ranges on the backbone's outputs
+    left 3.5 % of the val images without any detection that FP32 found (gate B09). The inner
+    activations keep the histogram method's ranges. Returns the outputs changed.
+    """
+    import onnx
+    from onnxruntime.quantization.calibrate import TensorData
+
+    histograms = calibrator.collector.histogram_dict
+    changed = []
+    for output in onnx.load(str(src), load_external_data=False).graph.output:
+        name = output.name
+        if name in histograms and name in ranges:
+            lowest, highest = histograms[name][2], histograms[name][3]
+            ranges[name] = TensorData(lowest=np.asarray(lowest, np.float32),
+                                      highest=np.asarray(highest, np.float32))
+            changed.append(name)
+    return changed
 
 
 def _quantize(

@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+OUTPUT_RANGES = ("minmax", "calibrated")
 QUANT_TYPES = ("int8", "uint8")
 PRESETS = ("performance", "mixed")
 NNCF_FIELDS = ("preset", "ignored_names", "ignored_types", "ignored_patterns")
@@ -71,7 +72,8 @@ class Budgets:
 
     AP drops are in AP points (0-100 scale): ``max_mask_ap_drop=1.0`` allows INT8 mask AP to be at
     most one point below the FP32 student's. ``max_lost_image_fraction`` bounds the share of
-    validation images on which FP32 finds objects and INT8 finds none (B09).
+    validation images on which FP32 finds objects (best score >= 0.5) and INT8 as good as finds
+    none (its best score under half of FP32's best) (B09).
     """
 
     latency_p90_ms: float
@@ -122,6 +124,9 @@ class QuantizationSettings:
     activation_symmetric: bool = False
     reduce_range: bool = False
     percentile: float = 99.999
+    # the graph outputs' ranges under entropy/percentile: "minmax" (what the calibration data
+    # reached; the host code decides on the outputs' tails) or "calibrated" (the method's own)
+    output_ranges: str = "minmax"
     keep_float_nodes: tuple[str, ...] = ()
     keep_float_op_types: tuple[str, ...] = ()
     min_output_cosine: float = 0.99
@@ -161,6 +166,12 @@ class QuantizationSettings:
             "quantization.head_calibrate_method",
             self.head_calibrate_method,
             f"must be one of {', '.join(CALIBRATION_METHODS)} (or left out)",
+        )
+        _check(
+            self.output_ranges in OUTPUT_RANGES,
+            "quantization.output_ranges",
+            self.output_ranges,
+            f"must be one of {', '.join(OUTPUT_RANGES)}",
         )
         for key in ("activation_type", "weight_type"):
             _check(

@@ -61,10 +61,23 @@ def test_b09_images_that_lose_every_detection_fail_the_gate(profile):
 
     # image 10 had only a low-score FP32 detection: it is not counted either way
     assert lost["images_with_fp32_detections"] == 10
+    assert lost["images_slipping_under_threshold"] == 0
     assert lost["images_losing_all_detections"] == 1 and lost["fraction_lost"] == 0.1
     assert not gate["passed"]
     assert _verdicts(gate)["images_losing_detections"] is False
     assert any(r.startswith("images_losing_detections = 0.1") for r in gate["reasons"])
+
+
+def test_scores_slipping_just_under_the_threshold_are_counted_apart_not_gated(profile):
+    # FP32 0.52 -> INT8 0.46: the image still has its detection, a little less sure of it
+    fp32 = [_det([0.52]), _det([0.9]), _det([0.8])]
+    int8 = [_det([0.46]), _det([0.9]), _det([0.35])]  # image 2: 0.35 < 0.5 * 0.8 is lost
+
+    lost = _count_lost_images(fp32, int8, score=0.5)
+
+    assert lost["images_slipping_under_threshold"] == 1
+    assert lost["images_losing_all_detections"] == 1
+    assert lost["fraction_lost"] == pytest.approx(1 / 3, abs=1e-4)
 
 
 def test_b08_masks_collapsed_to_one_half_fail_the_gate_even_with_ap_in_budget(profile):
