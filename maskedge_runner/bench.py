@@ -17,8 +17,9 @@ prints one JSON object on stdout:
 - the thread settings, runtime options and runtime version that ran, the host, the peak resident
   memory, and whether torch was loaded in the process (it must not be: B31).
 
-Reads: the bundle (``graph_spec.json``, ``models/<precision>/*.onnx``, ``manifest.json`` if
-present) and one image (``--image``, default the first file in ``BUNDLE_DIR/samples/``).
+Reads: the bundle (``graph_spec.json``, the backend's ``models/<precision>/`` files,
+``manifest.json`` if present) and one image (``--image``, default the first file in
+``BUNDLE_DIR/samples/``).
 Writes: nothing (``--output FILE`` also writes the JSON there).
 
 Known limits: one image, run repeatedly, so the number of RoIs and detections - and with them

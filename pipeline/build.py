@@ -592,7 +592,6 @@ KNOWN_LIMITATIONS = [
     "original image.",
     "Latency figures are host measurements with the profile's thread count unless the manifest "
     "says they were taken on the device; run `python -m maskedge_runner.bench` on the board.",
-    "ONNX Runtime leaves the mask head's ConvTranspose in float (it has no INT8 kernel for it).",
     "Anchors, NMS, RoIAlign and mask pasting run in numpy on the host CPU.",
 ]
 
@@ -744,6 +743,8 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
         lines += ["", f"Host CPU features: {', '.join(isa) or 'none of those checked'}."]
     if manifest.get("comparison"):
         lines += [""] + manifest["comparison"]["markdown"]
+    if manifest["quantization"]["report"].get("markdown"):  # the target's own section
+        lines += [""] + manifest["quantization"]["report"]["markdown"]
     lines += _data_lines(manifest)
     lines += ["", "Full figures: `manifest.json`.", "", "## Known limitations", ""]
     lines += [f"- {x}" for x in manifest["known_limitations"]]

@@ -456,6 +456,85 @@ def test_an_int8_io_model_is_fed_and_read_with_its_own_scale_and_zero_point(
         assert np.abs(got[name] - ref[name]).max() <= 1.01 * step
 
 
+def test_percentile_calibration_narrows_ranges_inside_min_max(two_outputs) -> None:
+    # the same graph and calibration batches: percentile ranges are never wider than TFLite's
+    # min-max, hold 0, and give the outputs finer steps; the record says what was done
+    from maskedge_runner.litert import load_interpreter
+
+    onnx_path, out, _ = two_outputs
+    io = json.loads((out / "models" / "int8" / "backbone.io.json").read_text())
+    keys = {b["name"]: b["key"] for b in io["inputs"]}
+    perms = {b["name"]: b["perm"] for b in io["inputs"]}
+    representative = list(tc._representative(_samples(), keys, perms, 1))
+    saved = onnx_path.parent / "work" / "backbone" / "saved_model"
+
+    steps, records = {}, {}
+    for name, percentile in (("minmax", None), ("percentile", 99.0)):
+        record: dict = {}
+        content = tc.convert_tflite(
+            saved,
+            int8=True,
+            representative=representative,
+            percentile=percentile,
+            calibration=record,
+        )
+        path = out.parent / f"{name}.tflite"
+        path.write_bytes(content)
+        interp = load_interpreter(path)
+        steps[name] = {
+            d["name"]: d["quantization"][0]
+            for d in interp.get_tensor_details()
+            if d["dtype"] == np.int8 and d["quantization"][0] > 0
+        }
+        records[name] = record
+    assert records["minmax"] == {
+        "method": "minmax",
+        "percentile": None,
+        "tensors": 0,
+        "narrowed": 0,
+    }
+    assert records["percentile"]["method"] == "percentile"
+    assert 0 < records["percentile"]["narrowed"] <= records["percentile"]["tensors"]
+    shared = set(steps["minmax"]) & set(steps["percentile"])
+    assert shared
+    assert all(steps["percentile"][n] <= steps["minmax"][n] * (1 + 1e-6) for n in shared)
+    assert any(steps["percentile"][n] < 0.99 * steps["minmax"][n] for n in shared)
+
+
+def test_percentile_ranges_are_exact_order_statistics(tmp_path: Path) -> None:
+    # the kept tails give the exact quantiles of an inner tensor's values over all batches;
+    # the model's input keeps TFLite's min-max
+    class Scale(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 1000], tf.float32, name="x")])
+        def __call__(self, x):
+            return {"y": tf.nn.relu(x * 2.0) - x}  # the product is an inner tensor
+
+    module = Scale()
+    tf.saved_model.save(module, str(tmp_path / "sm"), signatures={tc.SIGNATURE: module.__call__})
+    rng = np.random.default_rng(4)
+    batches = [{"x": rng.normal(size=(1, 1000)).astype(np.float32)} for _ in range(5)]
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "sm"), [tc.SIGNATURE])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: iter(batches)
+    converter._experimental_calibrate_only = True
+    calibrated = converter.convert()
+    ranges = tc.percentile_ranges(calibrated, batches, 99.0)
+    values = np.concatenate([b["x"].ravel() for b in batches])
+    k = int(np.ceil(values.size * 0.01))
+    expected = (0.0, 2 * np.sort(values)[-k])  # of relu(x * 2), one fused MUL
+    assert any(
+        lo == pytest.approx(expected[0]) and hi == pytest.approx(expected[1])
+        for lo, hi in ranges.values()
+    ), ranges
+    assert all(lo <= 0 <= hi for lo, hi in ranges.values())
+    from ai_edge_litert import interpreter as litert
+
+    interp = litert.Interpreter(model_content=calibrated)
+    inputs = {d["index"] for d in interp.get_input_details()}
+    outputs = {d["index"] for d in interp.get_output_details()}
+    assert inputs and not set(ranges) & inputs and outputs <= set(ranges)
+
+
 def test_conversion_needs_neither_onnxsim_nor_sne4onnx(tmp_path: Path, monkeypatch) -> None:
     # onnx2tf runs the onnxsim command unless told not to, and imports sne4onnx for some options:
     # with neither on PATH nor importable the conversion still works (the mobile extra lists
@@ -740,6 +819,24 @@ def test_runner_on_litert_imports_only_numpy_pillow_and_ai_edge_litert(tiny, tmp
     assert {"numpy", "PIL", "ai_edge_litert", "maskedge_runner"} <= used
 
 
+def test_runner_works_in_a_venv_with_only_numpy_pillow_and_ai_edge_litert(tiny, tmp_path) -> None:
+    import shutil
+
+    from runner_venv import bare_venv
+
+    python = bare_venv(tmp_path / "env", ["numpy", "pillow", "ai-edge-litert"])
+    shutil.copytree(REPO / "maskedge_runner", tmp_path / "maskedge_runner")
+    image = next((tiny.folder / "samples").iterdir())
+    run = subprocess.run(
+        [str(python), "-m", "maskedge_runner", str(tiny.folder), "--image", str(image),
+         "--out", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert list((tmp_path / "out").glob("*.overlay.png"))
+    probe = subprocess.run([str(python), "-c", "import tensorflow"], capture_output=True)
+    assert probe.returncode != 0  # the venv really lacks the build's packages
+
+
 # --- the mobile target through invoke build's stages (tiny budget) ------------------------------
 
 
@@ -807,6 +904,10 @@ def test_build_writes_a_litert_bundle_with_its_ops_report(mobile_build) -> None:
     latency = next(c for c in manifest["gate"]["checks"] if "latency" in c["check"])
     assert latency["passed"] is None  # no build host is a phone
     assert any("not on a phone" in x for x in manifest["known_limitations"])
+    text = (bundle / "report.md").read_text()
+    assert "## LiteRT ops (models/int8/ops_report.json)" in text
+    assert "| backbone | int8 | " in text and "| yes | - | - | yes |" in text
+    assert not any("ONNX Runtime" in x for x in manifest["known_limitations"])
 
 
 @pytest.mark.slow
