@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from tiny_bundle import tiny_bundle
 
 from pipeline.errors import ConfigError, ConversionError
@@ -120,7 +120,9 @@ def test_trained_graphs_keep_cosine_on_real_captured_features(teacher, demo_data
     for graph in GRAPHS:
         parity = report["graphs"][graph]["parity"]
         assert parity["samples"] > 0
-        assert parity["min_cosine"] >= 0.99, (graph, parity["min_cosine"])
+        # 0.98: graph outputs keep their whole min-max range (coarser steps than entropy's
+        # clipped one, measured 0.9855 on the teacher's backbone; no tail is cut)
+        assert parity["min_cosine"] >= 0.98, (graph, parity["min_cosine"])
         assert parity["min_snr_db"] >= 15.0, (graph, parity["min_snr_db"])
     # the mask logits keep their spread (a collapsed mask head would shrink it: B08)
     mask = report["graphs"]["mask_head"]["parity"]["outputs"]["mask_logits"]
@@ -139,10 +141,10 @@ def test_trained_graphs_keep_cosine_on_real_captured_features(teacher, demo_data
         images,
     )
     assert set(result["graphs"]) == set(GRAPHS)
-    assert result["min_cosine"] >= 0.99
+    assert result["min_cosine"] >= 0.98
     files = measure_parity(folder, inputs, max_samples=2)
     assert files["graphs"]["box_head"]["samples"] == 2
-    assert files["min_cosine"] >= 0.99
+    assert files["min_cosine"] >= 0.98
 
 
 def test_same_inputs_give_the_same_int8_files(tiny, tmp_path: Path) -> None:
@@ -158,24 +160,43 @@ def test_same_inputs_give_the_same_int8_files(tiny, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".quantize-*"))  # the work folder is gone
 
 
-@pytest.mark.parametrize("method", ["entropy", "percentile"])
-def test_histogram_calibration_methods(tiny, tmp_path: Path, method: str) -> None:
-    folder = tmp_path / "box"
+def _box_folder(tiny, folder: Path) -> Path:
     (folder / "models" / "fp32").mkdir(parents=True)
     shutil.copy(tiny.folder / "graph_spec.json", folder)
     shutil.copy(tiny.folder / "models" / "fp32" / "box_head.onnx", folder / "models" / "fp32")
+    return folder
+
+
+def _output_scales(folder: Path) -> dict[str, float]:
+    """The scale of the DequantizeLinear that yields each graph output of the INT8 box head."""
+    model = onnx.load(str(folder / "models" / "int8" / "box_head.onnx"))
+    outputs = {o.name for o in model.graph.output}
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.output[0]: float(init[n.input[1]]) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.output[0] in outputs}
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_methods(tiny, tmp_path: Path, method: str) -> None:
     inputs = {"box_head": tiny.inputs["box_head"]}
-    settings = tiny.settings.with_(calibrate_method=method)
+    settings = tiny.settings.with_(calibrate_method=method, head_calibrate_method=None,
+                                   output_ranges="calibrated")
+    folder = _box_folder(tiny, tmp_path / "box")
     report = quantize_graphs(folder, folder, inputs, settings)
     r = report["graphs"]["box_head"]
-    minmax_dir = tmp_path / "minmax"
-    shutil.copytree(folder / "models" / "fp32", minmax_dir / "models" / "fp32")
-    shutil.copy(folder / "graph_spec.json", minmax_dir)
+    minmax_dir = _box_folder(tiny, tmp_path / "minmax")
     minmax = quantize_graphs(minmax_dir, minmax_dir, inputs,
                              settings.with_(calibrate_method="minmax"))
     assert report["settings"]["calibrate_method"] == method
     assert r["sha256"] != minmax["graphs"]["box_head"]["sha256"]  # other ranges
     assert r["parity"]["min_cosine"] >= 0.98
+    # the default output_ranges="minmax": the outputs take the range the data reached (the
+    # min-max run's scales), so the logits' and deltas' tails are never clipped
+    kept_dir = _box_folder(tiny, tmp_path / "kept")
+    quantize_graphs(kept_dir, kept_dir, inputs, settings.with_(output_ranges="minmax"))
+    kept, plain = _output_scales(kept_dir), _output_scales(minmax_dir)
+    assert set(kept) == {"class_logits", "box_deltas"}
+    assert kept == pytest.approx(plain, rel=1e-6)
 
 
 def _model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
