@@ -9,7 +9,10 @@ For each graph in ``<fp32_dir>/models/fp32/`` (``backbone``, ``box_head``, ``mas
 3. calibrate with the profile's method (MinMax, Entropy, Percentile; ORT's calibrators, run in
    chunks) on the *captured* graph inputs - the backbone on letterboxed calibration images, the
    heads on real pooled RoI features - and ``quantize_static`` in QDQ format from those ranges
-   with the profile's activation/weight types and per-channel setting;
+   with the profile's activation/weight types and per-channel setting. Under entropy or
+   percentile the graph *outputs* keep the min-max range the data reached
+   (``output_ranges: "minmax"``, the default; see :func:`_output_ranges_minmax`): the host code
+   decides on their tails;
 4. measure every output INT8 vs FP32 on the calibration inputs (cosine, SNR); when a graph's
    lowest output cosine is below ``min_output_cosine``, rank its layers by the noise each one
    adds (activations collected with ORT's QDQ debugging tools) and keep the worst in float -
@@ -317,7 +320,8 @@ def _calibrate(
         if printed.getvalue().strip():
             log.debug("onnxruntime calibrator: %s", " ".join(printed.getvalue().split()))
         if settings.calibrate_method != "minmax" and settings.output_ranges == "minmax":
-            _output_ranges_minmax(src, calibrator, ranges)
+            kept = _output_ranges_minmax(src, calibrator, ranges)
+            log.debug("%s: outputs with min-max ranges: %s", src.name, ", ".join(kept))
         save_tensors_data(ranges, cache)
         _method_file(cache).write_text(settings.calibrate_method)
     except ValueError as err:
