@@ -131,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             raise RunnerError(f"--threads is not mapped for backend {backend!r}")
         options = {} if args.threads is None else {THREAD_OPTION[backend]: args.threads}
         engine = Engine.from_dir(args.bundle, precision=args.precision, runtime_options=options)
-        names = class_names(read_manifest(args.bundle))
+        manifest = read_manifest(args.bundle)
+        names = class_names(manifest)
+        if manifest.get("status", "passed") != "passed":
+            reasons = "; ".join(manifest.get("gate", {}).get("reasons", [])) or "see report.md"
+            print(f"maskedge_runner: warning: this bundle failed its build gate ({reasons})",
+                  file=sys.stderr)
         if args.out.exists() and not args.out.is_dir():
             raise RunnerError(f"--out {args.out}: is a file; give a folder for the overlay PNGs")
         written: set[Path] = set()

@@ -73,6 +73,8 @@ class Letterbox:
 def load_image(path: str | Path) -> np.ndarray:
     """Read an image as HxWx3 uint8 RGB, whatever its mode; raise ImageReadError if unreadable."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a folder; give one image file")
     if not path.is_file():
         raise ImageReadError(f"{path}: image file not found")
 

@@ -244,6 +244,11 @@ def _resolve_data(config: BuildConfig, loaded, teacher_hash: str) -> _Data:
     calib_paths = list_images(calib_dir)
     if config.strict:  # fail now, not after distillation; otherwise calibration skips and counts
         usable_images(calib_paths, strict=True)
+    elif not _any_readable(calib_paths):  # a folder of nothing but broken files: say so now too
+        raise DatasetError(
+            f"{calib_dir}: none of the {len(calib_paths)} candidate calibration images could be "
+            "read; point --calib-images at a folder of readable images"
+        )
     sources["calibration"] = ("demo calib split " if config.calib_images is None else "") + str(
         calib_dir)
     if config.val_coco is not None:
@@ -461,6 +466,19 @@ def _stage_calibrate_quantize(stages: _Stages, config: BuildConfig, target, prof
     stages.end("quantize", t0, cached, entry, f"INT8 ({settings.calibrate_method}, "
                f"{'per-channel' if settings.per_channel else 'per-tensor'})")
     return entry, report, json.loads((entry / "calibration.json").read_text())
+
+
+def _any_readable(paths: list[Path]) -> bool:
+    """Whether at least one of ``paths`` decodes as an image (stops at the first that does)."""
+    from maskedge_runner.preprocess import ImageReadError, load_image
+
+    for path in paths:
+        try:
+            load_image(path)
+            return True
+        except ImageReadError:
+            continue
+    return False
 
 
 def _count_lost_images(fp32: list, int8: list, score: float,
@@ -756,6 +774,7 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
     from maskedge_runner.backends import model_file, runtime_version
     from pipeline.bundle import (
         copy_runner,
+        failed_path,
         file_hashes,
         git_commit,
         new_staging,
@@ -889,12 +908,16 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
         manifest["files"] = file_hashes(staging)
         # figures measured inside the staging folder name the place the bundle ends up
         final_path = config.artifacts / target.name
+        if not gate["passed"]:  # the last bundle that passed stays where it is
+            final_path = failed_path(final_path)
         manifest = json.loads(json.dumps(manifest, default=str).replace(str(staging),
                                                                         str(final_path)))
         write_json_atomic(staging / "manifest.json", manifest)
         if gate["passed"]:
             write_tarball(staging, target.name)
         final = publish(staging, final_path)
+        if gate["passed"]:
+            shutil.rmtree(failed_path(final), ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

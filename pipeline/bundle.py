@@ -14,9 +14,10 @@ bundle there. Layout::
         maskedge_runner/         the runtime-only runner (numpy + Pillow + the runtime)
         maskedge-<target>.tar.gz the whole bundle (only when the build passed its gates)
 
-``manifest.json["status"]`` is ``"passed"`` only when every gate passed; a failed build keeps its
-report and models in the bundle folder for inspection, says ``"failed"`` with the reasons, and
-gets no tarball.
+``manifest.json["status"]`` is ``"passed"`` only when every gate passed. A build that fails a
+gate is published to ``artifacts/<target>-failed/`` instead (report and models kept for
+inspection, ``"failed"`` with the reasons, no tarball), so the last bundle that passed stays in
+``artifacts/<target>/`` untouched; the next passing build removes the ``-failed`` folder.
 """
 
 from __future__ import annotations
@@ -90,8 +91,18 @@ def write_tarball(staging: Path, target: str) -> Path:
     return final
 
 
+def failed_path(final: Path) -> Path:
+    """Where a bundle that failed its gate goes, beside the last one that passed."""
+    return final.with_name(f"{final.name}-failed")
+
+
 def publish(staging: Path, final: Path) -> Path:
-    """Swap the staging folder into ``final``; the previous bundle is removed only afterwards."""
+    """Swap the staging folder into ``final``; the previous bundle is removed only afterwards.
+
+    The folder becomes readable by everyone (the staging folder is created owner-only), so a
+    deploy account or CI job can pick the bundle up.
+    """
+    staging.chmod(0o755)
     previous = None
     if final.exists():
         previous = final.with_name(f".previous-{final.name}-{os.getpid()}")

@@ -311,11 +311,12 @@ def _calibrate(
             calibrate_method=_calibration_method(settings),
             extra_options=extra,
         )
-        for start in range(0, len(reader), CALIBRATION_CHUNK):
-            reader.set_range(start, min(start + CALIBRATION_CHUNK, len(reader)))
-            calibrator.collect_data(reader)
-        # ORT's histogram calibrators print their bin counts to stdout: keep them in the debug log
+        # ORT's histogram calibrators print progress and bin counts to stdout: keep them in the
+        # debug log
         with contextlib.redirect_stdout(io.StringIO()) as printed:
+            for start in range(0, len(reader), CALIBRATION_CHUNK):
+                reader.set_range(start, min(start + CALIBRATION_CHUNK, len(reader)))
+                calibrator.collect_data(reader)
             ranges = calibrator.compute_data()
         if printed.getvalue().strip():
             log.debug("onnxruntime calibrator: %s", " ".join(printed.getvalue().split()))

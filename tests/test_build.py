@@ -126,11 +126,17 @@ def test_impossible_parity_budget_fails_and_marks_nothing_passed(built, demo_dat
     artifacts, _ = built
     with pytest.raises(GateError, match="mask_ap_drop"):
         run_build(_config(demo_data, artifacts, teacher, parity_budget=-1.0))
-    manifest = json.loads((artifacts / "arm64" / "manifest.json").read_text())
+    failed = artifacts / "arm64-failed"
+    manifest = json.loads((failed / "manifest.json").read_text())
     assert manifest["status"] == "failed"
     assert manifest["gate"]["passed"] is False
-    assert not (artifacts / "arm64" / "maskedge-arm64.tar.gz").exists()
-    assert "FAIL" in (artifacts / "arm64" / "report.md").read_text()
+    assert not (failed / "maskedge-arm64.tar.gz").exists()
+    assert "FAIL" in (failed / "report.md").read_text()
+    # the last bundle that passed is still there, whole, with its tarball
+    passed = json.loads((artifacts / "arm64" / "manifest.json").read_text())
+    assert passed["status"] == "passed"
+    assert (artifacts / "arm64" / "maskedge-arm64.tar.gz").is_file()
+    assert oct((artifacts / "arm64").stat().st_mode & 0o777) == "0o755"
 
 
 def test_interrupted_build_leaves_no_half_written_bundle(demo_data, teacher, tmp_path,

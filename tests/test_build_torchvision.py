@@ -399,6 +399,23 @@ def test_strict_fails_on_an_unreadable_training_image_else_counts_it(
     assert "strict" in str(err.value)
 
 
+def test_a_calibration_folder_of_only_broken_files_stops_before_distillation(
+    tmp_path: Path, demo_data: dict[str, Path], demo_teacher: Any
+) -> None:
+    """Caught when the data is resolved (seconds), not at the calibrate stage after the
+    distillation (half an hour on the default budget)."""
+    broken = tmp_path / "calib"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    config = BuildConfig(artifacts=tmp_path, calib_images=broken,
+                         val_coco=demo_data["val"] / "annotations.json",
+                         val_images=demo_data["val"] / "images")
+    with pytest.raises(DatasetError) as err:
+        _resolve_data(config, demo_teacher, "h")
+    assert str(err.value).startswith(f"{broken}: none of the 1 candidate calibration images")
+    assert "--calib-images" in str(err.value)
+
+
 def test_report_shows_data_quality_and_the_calibration_warning() -> None:
     """B11: the calibration count, seed, set hash and the below-minimum warning reach report.md,
     next to what each data set lost and why."""

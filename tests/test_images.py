@@ -172,13 +172,16 @@ def test_truncated_even_when_pillow_is_told_to_allow_it(
         ("empty.png", b"", "cannot read image"),
         ("text.jpg", b"hello, not an image", "cannot read image"),
         ("gone.png", None, "image file not found"),
+        ("photos", "folder", "is a folder; give one image file"),
     ],
 )
 def test_unreadable_files_name_the_file(
-    tmp_path: Path, name: str, content: bytes | None, expected: str
+    tmp_path: Path, name: str, content: bytes | str | None, expected: str
 ) -> None:
     path = tmp_path / name
-    if content is not None:
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(ImageReadError) as err:
         load_image(path)

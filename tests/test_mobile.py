@@ -876,7 +876,7 @@ def mobile_build(demo_data, demo_teacher, tmp_path_factory):
         run_build(_build_config(demo_data, artifacts, demo_teacher.path))
     except GateError:
         pass
-    bundle = artifacts / "mobile"
+    bundle = next(p for p in (artifacts / "mobile", artifacts / "mobile-failed") if p.exists())
     return artifacts, bundle, json.loads((bundle / "manifest.json").read_text())
 
 

@@ -667,6 +667,22 @@ def test_cli_prints_detections_and_writes_overlays(
     assert "no int8 models in this bundle" in capsys.readouterr().err
 
 
+def test_cli_warns_when_the_bundle_failed_its_gate(cli_bundle, val_images, tmp_path, capsys):
+    bundle = tmp_path / "failed"
+    shutil.copytree(cli_bundle, bundle, symlinks=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.update(status="failed", gate={"reasons": ["mask_ap_drop = 3.0 (limit 1.0)"]})
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    image = tmp_path / "probe.png"
+    Image.fromarray(val_images[0]).save(image)
+
+    assert runner_main([str(bundle), "--precision", "fp32", "--image", str(image),
+                        "--out", str(tmp_path / "out")]) == 0
+
+    err = capsys.readouterr().err
+    assert "warning: this bundle failed its build gate (mask_ap_drop = 3.0 (limit 1.0))" in err
+
+
 _IMPORT_PROBE = """
 import json, runpy, sys
 sys.argv = ["maskedge_runner"] + sys.argv[1:]
