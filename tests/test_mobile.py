@@ -418,6 +418,16 @@ def test_int8_graph_is_full_integer_with_float_io(two_outputs) -> None:
     )
 
 
+def _backbone_calibration(two_outputs) -> tuple[dict, list, Path]:
+    """The two-output backbone's I/O sidecar, its representative batches and its SavedModel."""
+    onnx_path, out, _ = two_outputs
+    io = json.loads((out / "models" / "int8" / "backbone.io.json").read_text())
+    keys = {b["name"]: b["key"] for b in io["inputs"]}
+    perms = {b["name"]: b["perm"] for b in io["inputs"]}
+    representative = list(tc._representative(_samples(), keys, perms, 1))
+    return io, representative, onnx_path.parent / "work" / "backbone" / "saved_model"
+
+
 def test_an_int8_io_model_is_fed_and_read_with_its_own_scale_and_zero_point(
     two_outputs, tmp_path: Path
 ) -> None:
@@ -427,12 +437,8 @@ def test_an_int8_io_model_is_fed_and_read_with_its_own_scale_and_zero_point(
 
     from maskedge_runner.backends import make_backend
 
-    onnx_path, out, _ = two_outputs
-    io = json.loads((out / "models" / "int8" / "backbone.io.json").read_text())
-    keys = {b["name"]: b["key"] for b in io["inputs"]}
-    perms = {b["name"]: b["perm"] for b in io["inputs"]}
-    representative = list(tc._representative(_samples(), keys, perms, 1))
-    saved = onnx_path.parent / "work" / "backbone" / "saved_model"
+    _, out, _ = two_outputs
+    io, representative, saved = _backbone_calibration(two_outputs)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved), [tc.SIGNATURE])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: iter(representative)
@@ -461,12 +467,8 @@ def test_percentile_calibration_narrows_ranges_inside_min_max(two_outputs) -> No
     # min-max, hold 0, and give the outputs finer steps; the record says what was done
     from maskedge_runner.litert import load_interpreter
 
-    onnx_path, out, _ = two_outputs
-    io = json.loads((out / "models" / "int8" / "backbone.io.json").read_text())
-    keys = {b["name"]: b["key"] for b in io["inputs"]}
-    perms = {b["name"]: b["perm"] for b in io["inputs"]}
-    representative = list(tc._representative(_samples(), keys, perms, 1))
-    saved = onnx_path.parent / "work" / "backbone" / "saved_model"
+    _, out, _ = two_outputs
+    io, representative, saved = _backbone_calibration(two_outputs)
 
     steps, records = {}, {}
     for name, percentile in (("minmax", None), ("percentile", 99.0)):

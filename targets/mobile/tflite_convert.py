@@ -666,6 +666,7 @@ def percentile_ranges(
 
     model = flatbuffer_utils.convert_bytearray_to_object(calibrated)
     graph = model.subgraphs[0]
+    inputs = set(graph.inputs)
     ranged = {
         i: (float(t.quantization.min[0]), float(t.quantization.max[0]))
         for i, t in enumerate(graph.tensors)
@@ -674,7 +675,7 @@ def percentile_ranges(
         and len(t.quantization.min) == 1
         and t.buffer is not None
         and not (model.buffers[t.buffer].data is not None and len(model.buffers[t.buffer].data))
-        and i not in set(graph.inputs)
+        and i not in inputs
     }
     outputs = set(graph.outputs)
     interp = litert.Interpreter(
